@@ -1,0 +1,5 @@
+"""`python -m esa` is the `esa` command."""
+
+from esa.cli import main
+
+raise SystemExit(main())

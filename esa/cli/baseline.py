@@ -1,0 +1,42 @@
+"""`esa baseline`: phase 1, the unmodified model's reference perplexity / NLL / accuracy."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from esa.cli.options import HELP_FORMATTER, add_data_flags, add_logging_flags, add_model_flags, data_section, model_section
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the subcommand."""
+    p = sub.add_parser("baseline", help="phase 1: reference PPL, NLL and token accuracy",
+                       description="Phase 1: evaluate the unmodified model. Writes OUT/eval.json, "
+                       "OUT/experiment_manifest.json and OUT/config.json.", formatter_class=HELP_FORMATTER)
+    add_model_flags(p)
+    add_data_flags(p)
+    p.add_argument("--seed", type=int, default=0, help="random seed (phase 1 itself draws nothing)")
+    p.add_argument("--out-dir", required=True, help="output folder")
+    p.add_argument("--experiment", default=None, help="experiment name recorded in the manifest")
+    add_logging_flags(p)
+    p.set_defaults(func=run)
+
+
+def build_manifest(args: argparse.Namespace) -> dict:
+    """The phase-1 manifest these flags describe."""
+    from esa.manifest import SCHEMA_VERSION
+
+    return {"schema_version": SCHEMA_VERSION, "phase": 1, "experiment": args.experiment or "adhoc",
+            "model": model_section(args), "data": data_section(args), "seed": args.seed,
+            "outputs": {"dir": args.out_dir}}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the manifest and run it."""
+    from esa.runner import run as run_manifest
+
+    summary = run_manifest(build_manifest(args))
+    if not args.quiet:
+        print(json.dumps({k: summary[k] for k in ("ppl", "nll", "token_accuracy", "n_tokens", "n_windows")}, indent=2))
+        print(f"wrote {summary['eval_json']}")
+    return 0

@@ -1,0 +1,72 @@
+"""Flag groups shared by several subcommands, and their conversion into manifest sections."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+HELP_FORMATTER = argparse.ArgumentDefaultsHelpFormatter
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (so --max-samples 0 is refused with one line)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
+def add_logging_flags(p: argparse.ArgumentParser) -> None:
+    """--quiet and --log-level."""
+    g = p.add_argument_group("logging")
+    g.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors; no progress bars")
+    g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="log level on stderr (the job's esa.log in --out-dir gets the same)")
+
+
+def add_model_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """--model --revision --dtype --device --attention --trust-remote-code."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=required, help="hub id (read from the local HF cache) or a local directory")
+    g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="weights dtype; auto = bf16 on GPU, fp32 on CPU")
+    g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto = cuda when available")
+    g.add_argument("--attention", "--attn-implementation", dest="attention", default="auto",
+                   choices=["auto", "eager", "sdpa", "flash_attention_2"],
+                   help="attention kernel; second-order metrics switch to eager themselves")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the model repository's own Python code to run (off unless asked for)")
+
+
+def add_data_flags(p: argparse.ArgumentParser, batch_size: int = 4) -> None:
+    """--dataset --dataset-config --split --text-field --seq-len --max-samples --batch-size."""
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="builtin",
+                   help="'builtin' (held-out Python stdlib source, offline), a hub dataset "
+                        "(e.g. wikitext with --dataset-config wikitext-2-raw-v1 --split test), "
+                        "or a local .txt/.jsonl/.json/.parquet file or folder")
+    g.add_argument("--dataset-config", default=None, help="hub dataset configuration name")
+    g.add_argument("--split", default=None, help="split; default validation for builtin, test for hub data")
+    g.add_argument("--text-field", default="text", help="column holding the text (json/parquet/hub)")
+    g.add_argument("--seq-len", type=positive_int, default=None,
+                   help="tokens per window; default min(2048, the model's context)")
+    g.add_argument("--max-samples", type=positive_int, default=None,
+                   help="use the first K windows (default: all)")
+    g.add_argument("--batch-size", type=positive_int, default=batch_size, help="windows per forward pass")
+
+
+def model_section(args: argparse.Namespace) -> dict[str, Any]:
+    """The manifest's model section from the flags."""
+    return {"id": args.model, "revision": args.revision, "dtype": args.dtype, "device": args.device,
+            "attention": args.attention, "trust_remote_code": bool(args.trust_remote_code)}
+
+
+def data_section(args: argparse.Namespace) -> dict[str, Any]:
+    """The manifest's data section from the flags."""
+    return {"dataset": args.dataset, "config": args.dataset_config, "split": args.split,
+            "text_field": args.text_field, "seq_len": args.seq_len, "max_samples": args.max_samples,
+            "batch_size": args.batch_size}

@@ -1,0 +1,58 @@
+"""Shared fixtures: an isolated ESA cache and small saved tiny models of each architecture."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Tests never touch the user's cache, and never reach a hub.
+_SESSION_CACHE = tempfile.mkdtemp(prefix="esa-test-cache-")
+os.environ["ESA_CACHE_DIR"] = _SESSION_CACHE
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ARCHS = ("llama", "mistral", "phi3", "mixtral", "gpt_neox", "gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    """make(arch, seed=0, train_steps=None) -> path of a small saved model (built once per args)."""
+    from esa.tiny import TinySize, write_tiny_model
+
+    built: dict[tuple, Path] = {}
+
+    def make(arch: str = "llama", seed: int = 0, train_steps: int | None = None) -> Path:
+        key = (arch, seed, train_steps)
+        if key not in built:
+            out = tmp_path_factory.mktemp(f"tiny-{arch}-{seed}")
+            size = TinySize(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, max_positions=512)
+            built[key] = write_tiny_model(arch, out, seed=seed, train_steps=train_steps, seq_len=64, size=size)
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_model_factory) -> Path:
+    """A small untrained tiny Llama saved with save_pretrained."""
+    return tiny_model_factory("llama")
+
+
+def run_esa(*args: str, cwd: str | Path | None = None, env: dict | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `python -m esa ARGS` as a user would, capturing output."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "esa", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def esa_cli():
+    """The run_esa helper as a fixture."""
+    return run_esa
