@@ -1,0 +1,111 @@
+"""The metric interface and registry.
+
+A metric turns a model and a stream of calibration batches into one fp32 score tensor per
+scored parameter (same shape as the parameter). Adding a metric is one class, one
+`@register` line and one test.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from esa.errors import UserError
+
+
+@dataclass
+class MetricResult:
+    """What a metric produced.
+
+    scores: parameter name -> fp32 score tensor in the parameter's shape.
+    unscored: parameters the metric does not define a score for (e.g. norms for act_mag);
+        listed, never silently given zeros.
+    accumulators: additive sums (name -> parameter name -> tensor) plus `counts`, so that
+        data shards can be summed exactly by a reduce step; empty for data-free metrics.
+    extras: metric-specific diagnostics (e.g. Hutchinson spread, super-weight candidates),
+        JSON-serialisable.
+    """
+
+    scores: dict[str, torch.Tensor]
+    unscored: list[str] = field(default_factory=list)
+    accumulators: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MetricOptions:
+    """Knobs shared by the metrics; each metric reads the ones it needs."""
+
+    probes: int = 1  # hutchinson_diag: Rademacher probes per batch
+    include: list[str] | None = None  # name patterns a metric may restrict itself to
+    exclude: list[str] | None = None
+    max_exact_coords: int = 4096  # hessian_diag: refuse larger parameter subsets
+    generator: torch.Generator | None = None  # seeded RNG (probes)
+    # hessian_diag: score only these weights ('param:i,j'); other coordinates of their
+    # tensors are not computed (listed in extras['partial']).
+    candidates: list[str] | None = None
+    # False lets gradient/curvature metrics build their scores inside the accumulator
+    # buffers (one fp32 buffer per parameter instead of two) and return no accumulators;
+    # shard runs (`--shard i/n`) need True.
+    keep_accumulators: bool = True
+    progress: Callable[[int], None] | None = None  # called with the number of batches done
+
+
+class Metric(ABC):
+    """One sensitivity metric."""
+
+    name: str = ""
+    needs_data: bool = True
+    needs_grad: bool = False
+    needs_eager_attention: bool = False
+
+    @abstractmethod
+    def score(
+        self,
+        model: torch.nn.Module,
+        batches: Iterable[torch.Tensor],
+        options: MetricOptions,
+    ) -> MetricResult:
+        """Score every parameter the metric defines; `batches` yields LongTensor [B, T]."""
+
+    def finalize(self, accumulators: dict[str, dict[str, torch.Tensor]], counts: dict[str, int],
+                 model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Turn summed accumulators (e.g. from `esa reduce` over shards) into scores."""
+        raise UserError(f"metric '{self.name}' has no additive accumulators to reduce")
+
+
+_REGISTRY: dict[str, Callable[[], Metric]] = {}
+_ALIASES: dict[str, str] = {"activation_magnitude": "act_mag"}
+
+
+def register(cls: type[Metric]) -> type[Metric]:
+    """Class decorator: make `cls` available under `cls.name`."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def canonical_name(name: str) -> str:
+    """Resolve aliases (activation_magnitude -> act_mag)."""
+    return _ALIASES.get(name, name)
+
+
+def metric_names(with_aliases: bool = False) -> list[str]:
+    """Registered metric names (sorted), optionally with the accepted aliases."""
+    names = sorted(_REGISTRY)
+    return names + sorted(_ALIASES) if with_aliases else names
+
+
+def get_metric(name: str) -> Metric:
+    """Instantiate a metric by name or alias; unknown names list the valid ones."""
+    key = canonical_name(name)
+    if key not in _REGISTRY:
+        valid = ", ".join(metric_names(with_aliases=True))
+        raise UserError(f"unknown metric '{name}'; valid metrics: {valid}")
+    return _REGISTRY[key]()
