@@ -14,7 +14,7 @@ from esa import __version__
 from esa.errors import UserError
 
 # Each module defines add_parser(subparsers); the order here is the order in `esa --help`.
-_COMMAND_MODULES = ("tiny_model", "baseline", "run", "demo")
+_COMMAND_MODULES = ("tiny_model", "baseline", "profile", "perturb", "reduce", "overlap", "run", "demo")
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

@@ -1,3 +1,3 @@
 """Phase runners; importing this package registers each with esa.runner."""
 
-from esa.phases import baseline  # noqa: F401
+from esa.phases import baseline, perturb, profile  # noqa: F401

@@ -1,0 +1,54 @@
+"""Which windows a phase-2 job calibrates on: the seed picks them from a pool; shards split them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from esa.errors import UserError
+
+
+def select_windows(n_available: int, n_samples: int | None, pool_size: int | None, seed: int) -> torch.Tensor:
+    """Indices (ascending) of the calibration windows.
+
+    The pool is the first `pool_size` windows (default: all); the seed draws `n_samples` of them
+    without replacement (default: the whole pool, so every seed sees the same windows and a
+    deterministic metric gives identical scores).
+    """
+    pool = n_available if pool_size is None else min(pool_size, n_available)
+    if pool < 1:
+        raise UserError("the calibration pool is empty")
+    n = pool if n_samples is None else n_samples
+    if n > pool:
+        raise UserError(f"--max-samples {n} is larger than the calibration pool of {pool} windows "
+                        "(raise --pool-size or lower --max-samples)")
+    if n == pool:
+        return torch.arange(pool)
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randperm(pool, generator=gen)[:n].sort().values
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """'i/n' -> (i, n) with 0 <= i < n; None -> (0, 1)."""
+    if text in (None, ""):
+        return 0, 1
+    try:
+        i, n = (int(x) for x in str(text).split("/"))
+    except ValueError:
+        raise UserError(f"--shard must look like i/n (e.g. 0/4), got '{text}'") from None
+    if n < 1 or not 0 <= i < n:
+        raise UserError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+def shard_slice(indices: torch.Tensor, shard: int, n_shards: int) -> torch.Tensor:
+    """The contiguous part of `indices` that shard `shard` of `n_shards` owns."""
+    return torch.tensor_split(indices, n_shards)[shard]
+
+
+def batches(windows: torch.Tensor, batch_size: int, device: torch.device,
+            start_batch: int = 0) -> Iterator[torch.Tensor]:
+    """Batches of windows on `device`, optionally resuming at batch `start_batch`."""
+    for start in range(start_batch * batch_size, len(windows), batch_size):
+        yield windows[start:start + batch_size].to(device)

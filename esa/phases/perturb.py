@@ -1,0 +1,182 @@
+"""Phase 3: perturb target weights in place, measure ΔPPL against matched controls, restore exactly."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from esa.controls import bottom_k, magnitude_matched, random_k
+from esa.errors import NonFiniteLossError, UserError
+from esa.evaluate import EvalResult, evaluate
+from esa.io import atomic_write_json, read_json
+from esa.logs import get_logger
+from esa.perturbations import cpu_generator, get_perturbation, perturbed
+from esa.phases.common import load_model_and_windows, seed_everything
+from esa.runner import register_phase
+from esa.significance import paired_bootstrap_ci, summarize_controls
+from esa.targets import WeightTarget, read_target_list, resolve_targets
+
+log = get_logger("perturb")
+
+RANDOM_CONTROLS = ("random_k", "magnitude_matched")
+
+
+def _topk_rows(path: str, k: int | None, mode: str | None, group: str) -> list[tuple[str, tuple[int, ...]]]:
+    """The first k weights of a scores.h5 ranking (per tensor for per_layer rankings)."""
+    from esa.scorefile import open_score_file
+
+    with open_score_file(path) as sf:
+        ranking = sf.topk(group)
+    if mode and ranking.mode != mode:
+        raise UserError(f"{path} holds a {ranking.mode} ranking, not {mode}; profile with --mode {mode}")
+    rows = list(zip(ranking.param, ranking.index, ranking.rank.tolist()))
+    if k is not None:
+        if k > ranking.k:
+            raise UserError(f"{path} ranks the top {ranking.k}; --topk {k} needs a larger profile run")
+        rows = [r for r in rows if r[2] <= k]
+    return [(p, i) for p, i, _ in rows]
+
+
+def resolve_target_refs(section: dict[str, Any]) -> list[Any]:
+    """Target references from explicit weights, a CSV list, or a scores.h5 ranking."""
+    refs: list[Any] = list(section.get("weights") or [])
+    if section.get("list"):
+        refs += read_target_list(section["list"])
+    if section.get("from_scores"):
+        refs += _topk_rows(section["from_scores"], section.get("topk"), section.get("mode"), "topk")
+    if not refs:
+        raise UserError("no targets: give --target, --target-list or --from-scores")
+    return refs
+
+
+def check_targets_early(manifest: dict[str, Any]) -> None:
+    """Validate target names and indices against the checkpoint's shapes before loading the model."""
+    from esa.targets import check_targets_against_shapes, param_shapes_from_checkpoint
+
+    model_dir = Path(manifest["model"]["id"])
+    if not model_dir.is_dir():
+        return
+    try:
+        shapes = param_shapes_from_checkpoint(model_dir)
+    except UserError:
+        return  # no safetensors header to read: the model itself will validate
+    refs = resolve_target_refs(manifest.get("targets") or {})
+    # Tied names (lm_head -> embedding) are only known once the model is built.
+    if all(str(r[0] if isinstance(r, tuple) else r).split(":")[0] in shapes for r in refs):
+        check_targets_against_shapes(shapes, refs)
+
+
+def _control_sets(name: str, model: Any, targets: list[WeightTarget], repeats: int, seed: int,
+                  manifest: dict[str, Any]) -> list[list[WeightTarget]]:
+    if name == "bottom_k":
+        section = manifest.get("targets") or {}
+        if not section.get("from_scores"):
+            raise UserError("the bottom_k control needs a ranking: use --from-scores (or esa profile --perturb)")
+        ranking = _topk_rows(section["from_scores"], None, None, "bottomk")
+        per_tensor = (section.get("mode") or "per_layer") == "per_layer"
+        return [bottom_k(model, targets, ranking, per_tensor=per_tensor)]
+    draw = random_k if name == "random_k" else magnitude_matched
+    return [draw(model, targets, cpu_generator(seed * 100_003 + r + 1)) for r in range(repeats)]
+
+
+def _reuse_baseline(path: str | None, n_windows: int, fingerprint: str, model_id: str) -> EvalResult | None:
+    if not path:
+        return None
+    ev = read_json(path)
+    same = (ev.get("n_windows") == n_windows and ev.get("data", {}).get("fingerprint") == fingerprint
+            and ev.get("model", {}).get("id") == model_id)
+    if not same:
+        log.warning("baseline %s is for other data or another model; computing the baseline again", path)
+        return None
+    log.info("reusing baseline from %s", path)
+    keys = ("nll", "ppl", "token_accuracy", "n_tokens", "n_windows", "per_window_nll", "per_window_accuracy")
+    return EvalResult(**{k: ev[k] for k in keys}, flags=ev.get("flags", []))
+
+
+def _evaluate_or_inf(model: Any, ids: torch.Tensor, batch_size: int, desc: str) -> EvalResult:
+    """Evaluate; a damaged model whose loss is no longer finite is a result (ΔPPL = inf), not an error."""
+    try:
+        return evaluate(model, ids, batch_size, desc=desc)
+    except NonFiniteLossError:
+        log.warning("%s: the loss is NaN/Inf with the perturbation applied; recorded as PPL = inf", desc)
+        n, t = ids.shape
+        inf = float("inf")
+        return EvalResult(nll=inf, ppl=inf, token_accuracy=float("nan"), n_tokens=n * (t - 1), n_windows=n,
+                          per_window_nll=[inf] * n, per_window_accuracy=[float("nan")] * n,
+                          flags=["non-finite loss"])
+
+
+def _figures(r: EvalResult) -> dict[str, float]:
+    return {"ppl": r.ppl, "nll": r.nll, "token_accuracy": r.token_accuracy}
+
+
+@register_phase(3)
+def run_perturb(manifest: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Baseline, perturbed and control evaluations; writes perturbation.json."""
+    seed = int(manifest.get("seed", 0))
+    seed_everything(seed)
+    section = manifest.get("perturbation") or {}
+    if "name" not in section:
+        raise UserError("manifest: $.perturbation.name is required for phase 3")
+    pert = get_perturbation(section["name"], **(section.get("params") or {}))
+    controls = manifest.get("controls") or {}
+    names, repeats = list(controls.get("names") or []), int(controls.get("repeats") or 20)
+    check_targets_early(manifest)
+    loaded, windows, batch_size = load_model_and_windows(manifest)
+    model, ids = loaded.model, windows.ids.to(loaded.device)
+    targets = resolve_targets(model, resolve_target_refs(manifest.get("targets") or {}))
+    log.info("%s on %d target weights; controls %s", pert, len(targets), names or "none")
+    t0 = time.perf_counter()
+    base = _reuse_baseline((manifest.get("baseline") or {}).get("eval_json"), len(ids), windows.fingerprint,
+                           manifest["model"]["id"]) or evaluate(model, ids, batch_size, desc="baseline")
+    with perturbed(model, targets, pert, cpu_generator(seed)) as applied:
+        hit = applied.records()
+        pert_eval = _evaluate_or_inf(model, ids, batch_size, "perturbed")
+    delta_nll = pert_eval.nll - base.nll
+    delta_ppl = pert_eval.ppl - base.ppl
+    ci = (paired_bootstrap_ci(base.per_window_nll, pert_eval.per_window_nll, seed=seed)
+          if math.isfinite(delta_nll) else None)
+    control_out: dict[str, Any] = {}
+    for name in names:
+        nll_deltas, ppl_deltas = [], []
+        sets = _control_sets(name, model, targets, repeats, seed, manifest)
+        for i, control in enumerate(sets):
+            with perturbed(model, control, pert, cpu_generator(seed * 7_919 + i + 1)):
+                r = _evaluate_or_inf(model, ids, batch_size, f"{name} {i + 1}/{len(sets)}")
+            nll_deltas.append(r.nll - base.nll)
+            ppl_deltas.append(r.ppl - base.ppl)
+        entry = summarize_controls(delta_ppl, ppl_deltas)
+        entry["nll"] = summarize_controls(delta_nll, nll_deltas)
+        entry["draws"] = len(sets)
+        control_out[name] = entry
+        log.info("%s: target ΔPPL %.4g vs control mean %.4g (p = %.3g, z = %.3g)", name, delta_ppl,
+                 entry["mean"], entry["p_value"], entry["z"])
+    record = {
+        "perturbation": pert.describe(), "n_targets": len(targets),
+        "targets": [t.name for t in targets], "applied": hit,
+        "baseline": _figures(base), "perturbed": _figures(pert_eval),
+        "delta_ppl": delta_ppl, "delta_nll": delta_nll,
+        "delta_token_accuracy": pert_eval.token_accuracy - base.token_accuracy,
+        "delta_nll_ci": None if ci is None else {
+            "low": ci.low, "high": ci.high, "alpha": ci.alpha, "n_boot": ci.n_boot,
+            "method": "paired per-window bootstrap, percentile"},
+        "controls": control_out,
+        "baseline_per_window_nll": base.per_window_nll, "perturbed_per_window_nll": pert_eval.per_window_nll,
+        "n_windows": len(ids), "n_tokens": pert_eval.n_tokens, "seconds": time.perf_counter() - t0,
+        "data": windows.info(), "model": loaded.describe(), "manifest_id": manifest["id"],
+    }
+    atomic_write_json(out / "perturbation.json", record)
+    if (manifest.get("outputs") or {}).get("save_plots") and control_out:
+        from esa.perturb_plots import save_perturbation_plot
+
+        save_perturbation_plot(out / "plots" / "perturbation_vs_controls.png", delta_ppl, control_out)
+    log.info("ΔPPL %+.4g (ΔNLL %+.4g, 95%% CI %s); baseline PPL %.4g -> %.4g", delta_ppl, delta_nll,
+             "n/a" if ci is None else f"[{ci.low:.4g}, {ci.high:.4g}]", base.ppl, pert_eval.ppl)
+    return {"delta_ppl": delta_ppl, "delta_nll": delta_nll, "n_targets": len(targets),
+            "baseline_ppl": base.ppl, "perturbed_ppl": pert_eval.ppl,
+            "controls": {k: {"p_value": v["p_value"], "z": v["z"]} for k, v in control_out.items()},
+            "perturbation_json": str(out / "perturbation.json")}
