@@ -22,6 +22,9 @@ from esa.scorefile import open_score_file
 
 log = get_logger("reduce")
 
+# Count attributes that are settings (equal in every shard) rather than additive counts.
+_PER_SHARD_SETTINGS = ("probes",)
+
 
 def _shard_file(path: str | Path) -> Path:
     path = Path(path)
@@ -62,7 +65,13 @@ def reduce_shards(inputs: list[str | Path], out_dir: str | Path) -> dict[str, An
                 t = torch.from_numpy(arr)
                 bucket[param] = bucket[param] + t if param in bucket else t.clone()
         for key, value in cnt.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            if key in _PER_SHARD_SETTINGS:  # a setting every shard shares, not an additive count
+                if key in counts and counts[key] != value:
+                    raise UserError(f"{path} used {key}={value}, other shards {counts[key]}")
+                counts[key] = value
+            else:
                 counts[key] = counts.get(key, 0) + value
     n_expected = int(str(manifests[0].get("shard", "0/1")).split("/")[1])
     if len(seen_shards) != n_expected:

@@ -54,12 +54,34 @@ def run(manifest: dict[str, Any]) -> dict[str, Any]:
                                                        "wall_seconds": time.perf_counter() - t0},
                   "status": "complete", "summary": summary}
         atomic_write_json(out / "experiment_manifest.json", record)
+        (out / "error.json").unlink(missing_ok=True)  # a rerun that succeeds clears the old failure
         return summary
+    except BaseException as exc:
+        _write_error(out, manifest, started, exc)
+        raise
     finally:
         import logging
 
         logging.getLogger("esa").removeHandler(handler)
         handler.close()
+
+
+def _write_error(out: Path, manifest: dict[str, Any], started: str, exc: BaseException) -> None:
+    """Record why a job failed (error.json) so status and analysis can say so."""
+    import traceback
+
+    kind = "interrupted" if isinstance(exc, KeyboardInterrupt) else \
+        "user_error" if isinstance(exc, UserError) else \
+        "out_of_memory" if "out of memory" in str(exc).lower() or isinstance(exc, MemoryError) else "exception"
+    if isinstance(exc, SystemExit) and exc.code in (0, None):
+        return
+    try:
+        atomic_write_json(out / "error.json", {
+            "manifest_id": manifest.get("id"), "phase": manifest.get("phase"), "kind": kind,
+            "type": type(exc).__name__, "message": str(exc).strip().splitlines()[0] if str(exc).strip() else "",
+            "traceback": traceback.format_exception(exc), "start_time": started, "end_time": provenance.now_iso()})
+    except OSError:
+        log.exception("could not write error.json")
 
 
 def run_file(path: str | Path) -> dict[str, Any]:
