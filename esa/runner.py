@@ -70,7 +70,10 @@ def _write_error(out: Path, manifest: dict[str, Any], started: str, exc: BaseExc
     """Record why a job failed (error.json) so status and analysis can say so."""
     import traceback
 
-    kind = "interrupted" if isinstance(exc, KeyboardInterrupt) else \
+    from esa.checkpoint import Preempted
+
+    kind = "preempted" if isinstance(exc, Preempted) else \
+        "interrupted" if isinstance(exc, KeyboardInterrupt) else \
         "user_error" if isinstance(exc, UserError) else \
         "out_of_memory" if "out of memory" in str(exc).lower() or isinstance(exc, MemoryError) else "exception"
     if isinstance(exc, SystemExit) and exc.code in (0, None):

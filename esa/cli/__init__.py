@@ -47,8 +47,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from esa.logs import setup_logging
 
     setup_logging(getattr(args, "log_level", "INFO"), getattr(args, "quiet", False))
+    from esa.checkpoint import EXIT_PREEMPTED, Preempted
+
     try:
         return int(args.func(args) or 0)
+    except Preempted as exc:
+        print(f"esa {args.command}: pre-empted: {exc}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except UserError as exc:
         print(f"esa {args.command}: error: {exc}", file=sys.stderr)
         return 2

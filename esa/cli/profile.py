@@ -101,6 +101,9 @@ def run(args: argparse.Namespace) -> int:
     from esa.metrics import get_metric
     from esa.runner import run as run_manifest
 
+    from esa.checkpoint import install_stop_signals
+
+    install_stop_signals()  # the cluster's USR1/USR2 warning -> checkpoint at the next batch
     get_metric(args.metric)  # an unknown metric fails before any work
     parse_shard(args.shard)
     seeds = args.seeds or [args.seed]

@@ -20,7 +20,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the manifest and print its summary."""
+    from esa.checkpoint import install_stop_signals
     from esa.runner import run_file
+
+    install_stop_signals()  # the cluster's USR1/USR2 warning -> checkpoint at the next batch
 
     summary = run_file(args.manifest)
     if not args.quiet:

@@ -30,7 +30,7 @@ from esa.linear_modules import (
     eval_mode,
     find_linear_weights,
 )
-from esa.metrics.base import Metric, MetricOptions, MetricResult, register
+from esa.metrics.base import Metric, MetricOptions, MetricResult, register, start_counts, start_sum
 from esa.weights import matches
 
 __all__ = ["ActMag", "ACT_SQ_SUM", "forward_batches", "selected_linear_weights"]
@@ -92,6 +92,7 @@ class ActMag(Metric):
     """|W_ij| * ||X_j||_2 over all calibration tokens (Wanda), for linear-like weights."""
 
     name = "act_mag"
+    resumable = True
     needs_data = True
 
     def score(self, model: nn.Module, batches: Iterable[torch.Tensor],
@@ -101,9 +102,11 @@ class ActMag(Metric):
         acc: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
         for w in weights:
-            acc.setdefault(w.param_name, torch.zeros(w.accumulator_shape, dtype=torch.float32,
-                                                     device=w.param.device))
+            if w.param_name not in acc:
+                like = torch.empty(w.accumulator_shape, dtype=torch.float32, device=w.param.device)
+                acc[w.param_name] = start_sum(options, ACT_SQ_SUM, w.param_name, like)
             counts.setdefault(w.param_name, 0)
+        counts = start_counts(options, counts)
         expert_tokens: dict[str, list[int]] = {
             w.param_name: [0] * int(w.num_experts) for w in weights if w.expert_axis is not None}
 
@@ -119,6 +122,9 @@ class ActMag(Metric):
             n_tokens = forward_batches(model, batches)
 
         accumulators = {ACT_SQ_SUM: acc}
+        if not options.finalize:
+            return MetricResult({}, unscored=_unscored(model, acc, options), accumulators=accumulators,
+                                counts=counts)
         scores = self.finalize(accumulators, counts, model)
         extras = {
             "tokens": n_tokens,
@@ -132,7 +138,7 @@ class ActMag(Metric):
                             accumulators=accumulators, counts=counts, extras=extras)
 
     def finalize(self, accumulators: dict[str, dict[str, torch.Tensor]], counts: dict[str, int],
-                 model: nn.Module) -> dict[str, torch.Tensor]:
+                 model: nn.Module, inplace: bool = False) -> dict[str, torch.Tensor]:
         """Scores from (summed) per-feature sums of squares: |W| * sqrt(act_sq_sum)."""
         if ACT_SQ_SUM not in accumulators:
             raise UserError(f"act_mag needs the '{ACT_SQ_SUM}' accumulator; "

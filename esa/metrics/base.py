@@ -54,6 +54,13 @@ class MetricOptions:
     # shard runs (`--shard i/n`) need True.
     keep_accumulators: bool = True
     progress: Callable[[int], None] | None = None  # called with the number of batches done
+    # Resumption (esa/checkpoint.py): start from these sums and counts instead of zeros, so a
+    # resumed job adds the remaining batches in the same order as an uninterrupted one.
+    initial_accumulators: dict[str, dict[str, torch.Tensor]] | None = None
+    initial_counts: dict[str, Any] | None = None
+    # False: return the accumulators and counts only (scores={}); the caller finalises. Lets a
+    # pre-empted job checkpoint its sums, and the phase-2 runner finalise in place.
+    finalize: bool = True
 
 
 class Metric(ABC):
@@ -73,10 +80,34 @@ class Metric(ABC):
     ) -> MetricResult:
         """Score every parameter the metric defines; `batches` yields LongTensor [B, T]."""
 
+    resumable: bool = False  # accumulates additive sums that a checkpoint can carry
+
+    def summarize(self, accumulators: dict[str, dict[str, torch.Tensor]], counts: dict[str, Any]) -> dict[str, Any]:
+        """Diagnostics (extras) computable from the sums alone, e.g. an estimator's spread."""
+        return {}
+
     def finalize(self, accumulators: dict[str, dict[str, torch.Tensor]], counts: dict[str, int],
-                 model: torch.nn.Module) -> dict[str, torch.Tensor]:
+                 model: torch.nn.Module, inplace: bool = False) -> dict[str, torch.Tensor]:
         """Turn summed accumulators (e.g. from `esa reduce` over shards) into scores."""
         raise UserError(f"metric '{self.name}' has no additive accumulators to reduce")
+
+
+def start_sum(options: MetricOptions, acc_name: str, param: str, like: torch.Tensor,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A fresh zero sum shaped like `like`, or the resumed one from options.initial_accumulators."""
+    initial = (options.initial_accumulators or {}).get(acc_name, {}).get(param)
+    if initial is not None:
+        return initial.to(device=like.device, dtype=dtype or like.dtype).clone()
+    return torch.zeros(like.shape, dtype=dtype or like.dtype, device=like.device)
+
+
+def start_counts(options: MetricOptions, fresh: dict[str, Any]) -> dict[str, Any]:
+    """The counts to continue from: fresh ones, with resumed additive counts added."""
+    counts = dict(fresh)
+    for key, value in (options.initial_counts or {}).items():
+        if isinstance(value, (int, float)) and key in counts and key != "probes":
+            counts[key] = counts[key] + value
+    return counts
 
 
 _REGISTRY: dict[str, Callable[[], Metric]] = {}

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from esa.errors import UserError
-from esa.metrics.base import Metric, MetricOptions, MetricResult, register
+from esa.metrics.base import Metric, MetricOptions, MetricResult, register, start_counts, start_sum
 from esa.metrics.gradient import model_device, scored_parameters, scoring_mode, sum_dtype
 from esa.metrics.loss import next_token_nll, predicted_tokens
 from esa.weights import format_weight, parse_weight
@@ -146,6 +146,11 @@ class HutchinsonDiag(Metric):
     of diag H whose per-weight variance is Σ_{j≠i} H_ij² (so the probe count matters)."""
 
     name = "hutchinson_diag"
+    resumable = True
+
+    def summarize(self, accumulators: dict[str, dict[str, torch.Tensor]], counts: dict[str, Any]) -> dict[str, Any]:
+        """The estimator's spread over probes (see hutchinson_spread)."""
+        return {"spread": hutchinson_spread(accumulators, counts)}
     needs_grad = True
     needs_eager_attention = True
 
@@ -162,9 +167,9 @@ class HutchinsonDiag(Metric):
         params = scored_parameters(model, options)
         names, plist = list(params), list(params.values())
         gen = probe_generator(options, plist[0].device)
-        acc = {n: torch.zeros(p.shape, dtype=sum_dtype(p.dtype), device=p.device) for n, p in params.items()}
-        sq = {n: torch.zeros_like(a) for n, a in acc.items()}
-        counts = {"batches": 0, "tokens": 0, "probes": options.probes, "samples": 0}
+        acc = {n: start_sum(options, "hz_sum", n, p, sum_dtype(p.dtype)) for n, p in params.items()}
+        sq = {n: start_sum(options, "hz_sq_sum", n, p, sum_dtype(p.dtype)) for n, p in params.items()}
+        counts = start_counts(options, {"batches": 0, "tokens": 0, "probes": options.probes, "samples": 0})
         device = model_device(model)
         with scoring_mode(model, params), double_backward_ready(model):
             for i, batch in enumerate(batches):
@@ -188,6 +193,8 @@ class HutchinsonDiag(Metric):
         if counts["batches"] == 0:
             raise UserError("no calibration batches: hutchinson_diag needs data")
         accumulators = {"hz_sum": acc, "hz_sq_sum": sq}
+        if not options.finalize:
+            return MetricResult({}, accumulators=accumulators, counts=counts)
         extras = {"spread": hutchinson_spread(accumulators, counts)}
         if options.keep_accumulators:
             return MetricResult(self.finalize(accumulators, counts, model),
@@ -270,6 +277,7 @@ class HessianDiag(Metric):
     parameter subset (options.include) or a candidate list (options.candidates)."""
 
     name = "hessian_diag"
+    resumable = True
     needs_grad = True
     needs_eager_attention = True
 
@@ -300,8 +308,8 @@ class HessianDiag(Metric):
         flat indices per parameter; extras['candidates'] gives each weight's signed H_ii."""
         params, coords = self._selection(model, options)
         names, plist = list(params), list(params.values())
-        acc = {n: torch.zeros(p.shape, dtype=sum_dtype(p.dtype), device=p.device) for n, p in params.items()}
-        counts = {"batches": 0, "tokens": 0}
+        acc = {n: start_sum(options, "h_diag_sum", n, p, sum_dtype(p.dtype)) for n, p in params.items()}
+        counts = start_counts(options, {"batches": 0, "tokens": 0})
         device = model_device(model)
         with scoring_mode(model, params), double_backward_ready(model):
             for b, batch in enumerate(batches):
@@ -321,6 +329,8 @@ class HessianDiag(Metric):
         if counts["batches"] == 0:
             raise UserError("no calibration batches: hessian_diag needs data")
         accumulators = {"h_diag_sum": acc}
+        if not options.finalize:
+            return MetricResult({}, accumulators=accumulators, counts=counts)
         extras: dict[str, Any] = {}
         if coords is not None:
             extras["partial"] = {n: c for n, c in coords.items()}

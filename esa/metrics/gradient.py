@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 
 from esa.errors import UserError
-from esa.metrics.base import Metric, MetricOptions, MetricResult, register
+from esa.metrics.base import Metric, MetricOptions, MetricResult, register, start_counts, start_sum
 from esa.metrics.loss import next_token_nll, predicted_tokens
 from esa.weights import matches
 
@@ -131,6 +131,14 @@ def _steal(grad: torch.Tensor) -> torch.Tensor:
     return grad.detach() if grad.dtype == target else grad.detach().to(target)
 
 
+def _resumed(options: MetricOptions, acc_name: str,
+             params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    """The sums a resumed job continues from (empty for a fresh job)."""
+    if not options.initial_accumulators:
+        return {}
+    return {n: start_sum(options, acc_name, n, p, sum_dtype(p.dtype)) for n, p in params.items()}
+
+
 def _fill_missing(acc: dict[str, torch.Tensor], params: dict[str, torch.nn.Parameter]) -> None:
     """Parameters that never received a gradient (unused in every batch) sum to zero."""
     for n, p in params.items():
@@ -158,6 +166,7 @@ class GradXWeight(Metric):
     the loss change from zeroing a weight)."""
 
     name = "grad_x_weight"
+    resumable = True
     needs_grad = True
 
     def score(self, model: torch.nn.Module, batches: Iterable[torch.Tensor],
@@ -165,7 +174,7 @@ class GradXWeight(Metric):
         """Score every selected parameter; accumulator `grad_sum` = Σ_b ∇W L_b
         (fp32; fp64 for fp64 models)."""
         params = scored_parameters(model, options)
-        acc: dict[str, torch.Tensor] = {}
+        acc: dict[str, torch.Tensor] = _resumed(options, "grad_sum", params)
 
         def fold(name: str, grad: torch.Tensor) -> None:
             if name in acc:
@@ -174,8 +183,10 @@ class GradXWeight(Metric):
                 acc[name] = _steal(grad)
 
         with scoring_mode(model, params):
-            counts = fold_gradients(model, batches, params, fold, options.progress)
+            counts = start_counts(options, fold_gradients(model, batches, params, fold, options.progress))
         _fill_missing(acc, params)
+        if not options.finalize:
+            return MetricResult({}, accumulators={"grad_sum": acc}, counts=counts)
         if options.keep_accumulators:
             return MetricResult(self.finalize({"grad_sum": acc}, counts, model),
                                 accumulators={"grad_sum": acc}, counts=counts)
@@ -204,6 +215,7 @@ class GradSquared(Metric):
     """mean_b (∇W L_b)²: the empirical Fisher diagonal at batch level."""
 
     name = "grad_squared"
+    resumable = True
     needs_grad = True
 
     def score(self, model: torch.nn.Module, batches: Iterable[torch.Tensor],
@@ -211,7 +223,7 @@ class GradSquared(Metric):
         """Score every selected parameter; accumulator `grad_sq_sum` = Σ_b (∇W L_b)²
         (fp32; fp64 for fp64 models)."""
         params = scored_parameters(model, options)
-        acc: dict[str, torch.Tensor] = {}
+        acc: dict[str, torch.Tensor] = _resumed(options, "grad_sq_sum", params)
 
         def fold(name: str, grad: torch.Tensor) -> None:
             if name in acc:
@@ -222,8 +234,10 @@ class GradSquared(Metric):
                 acc[name] = g.mul_(g)
 
         with scoring_mode(model, params):
-            counts = fold_gradients(model, batches, params, fold, options.progress)
+            counts = start_counts(options, fold_gradients(model, batches, params, fold, options.progress))
         _fill_missing(acc, params)
+        if not options.finalize:
+            return MetricResult({}, accumulators={"grad_sq_sum": acc}, counts=counts)
         if options.keep_accumulators:
             return MetricResult(self.finalize({"grad_sq_sum": acc}, counts, model),
                                 accumulators={"grad_sq_sum": acc}, counts=counts)

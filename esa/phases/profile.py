@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from esa import __version__
+from esa import __version__, checkpoint
 from esa.calibration import batches, parse_shard, select_windows, shard_slice
 from esa.data import load_windows
 from esa.errors import UserError
@@ -96,6 +96,44 @@ def finish_scores(out: Path, manifest: dict[str, Any], model: Any, result: Metri
             "unscored": len(result.unscored), "top": top}
 
 
+class _ResumableFeed:
+    """Calibration batches that start where a checkpoint left off and stop on request.
+
+    The stop check happens between batches, so a checkpoint always holds whole batches.
+    """
+
+    def __init__(self, calib: torch.Tensor, batch_size: int, device: torch.device, out: Path,
+                 manifest_id: str, metric: Any, options: MetricOptions) -> None:
+        self.calib, self.batch_size, self.device = calib, batch_size, device
+        self.total = math.ceil(len(calib) / batch_size)
+        self.start = 0
+        self.stopped = False
+        self.stop_after = checkpoint.stop_after_batches()
+        saved = checkpoint.load(out, manifest_id) if metric.resumable else None
+        if saved is not None:
+            self.start = int(saved["batches_done"])
+            options.initial_accumulators = saved["accumulators"]
+            options.initial_counts = saved["counts"]
+            if saved["generator_state"] is not None and options.generator is not None:
+                options.generator.set_state(saved["generator_state"])
+            log.info("resuming from the checkpoint after batch %d of %d", self.start, self.total)
+        self.done = self.start
+        self.resumable = metric.resumable
+
+    def __len__(self) -> int:
+        return self.total - self.start
+
+    def __iter__(self) -> Any:
+        for batch in batches(self.calib, self.batch_size, self.device, self.start):
+            asked = checkpoint.stop_requested() or (
+                self.stop_after is not None and self.done - self.start >= self.stop_after)
+            if asked and self.resumable:
+                self.stopped = True
+                return
+            yield batch
+            self.done += 1
+
+
 @register_phase(2)
 def run_profile(manifest: dict[str, Any], out: Path) -> dict[str, Any]:
     """Score, rank and write scores.h5 + exports into `out`."""
@@ -116,6 +154,7 @@ def run_profile(manifest: dict[str, Any], out: Path) -> dict[str, Any]:
     options = _metric_options(section, seed, shard)
     t0 = time.perf_counter()
     n_windows = 0
+    feed = None
     if metric.needs_data:
         windows = load_windows(replace(spec, max_samples=None), loaded.tokenizer)
         chosen = select_windows(len(windows.ids), spec.max_samples, pool_size, seed)
@@ -126,11 +165,24 @@ def run_profile(manifest: dict[str, Any], out: Path) -> dict[str, Any]:
             raise UserError(f"shard {shard[0]}/{shard[1]} has no calibration windows")
         log.info("%s on %d calibration windows of %d tokens (seed %d, shard %d/%d)", metric.name,
                  n_windows, spec.seq_len, seed, *shard)
-        data_iter = progress(batches(calib, batch_size, loaded.device),
-                             total=math.ceil(n_windows / batch_size), desc=metric.name)
+        feed = _ResumableFeed(calib, batch_size, loaded.device, out, manifest["id"], metric, options)
+        data_iter = progress(feed, total=feed.total - feed.start, desc=metric.name)
     else:
         data_iter = iter(())
+    if metric.resumable:
+        options.finalize = False  # the runner finalises (in place) or checkpoints the sums
     result = metric.score(loaded.model, data_iter, options)
+    if feed is not None and feed.stopped:
+        path = checkpoint.save(out, manifest["id"], result.accumulators, result.counts, feed.done,
+                               options.generator.get_state() if options.generator is not None else None)
+        raise checkpoint.Preempted(f"stopped after {feed.done} of {feed.total} batches; "
+                                   f"checkpoint in {path}; run the same manifest again to resume")
+    if metric.resumable:
+        result.extras.update(metric.summarize(result.accumulators, result.counts))
+        keep = options.keep_accumulators
+        result.scores = metric.finalize(result.accumulators, result.counts, loaded.model, inplace=not keep)
+        if not keep:
+            result.accumulators = {}
     seconds = time.perf_counter() - t0
     extra = {"shard": f"{shard[0]}/{shard[1]}", "n_windows": n_windows, "seed": seed}
     summary = finish_scores(out, manifest, loaded.model, result, loaded.dtype, extra)
@@ -138,5 +190,6 @@ def run_profile(manifest: dict[str, Any], out: Path) -> dict[str, Any]:
     atomic_write_json(out / "profile.json", {**summary, "seconds": seconds, "n_windows": n_windows,
                                              "seq_len": spec.seq_len, "seed": seed, "shard": list(shard),
                                              "unscored": result.unscored, "metric_extras": metric_info})
+    checkpoint.remove(out)
     log.info("%s done in %.1f s; scores in %s", metric.name, seconds, summary["files"]["scores"])
     return {**summary, "seconds": seconds}
