@@ -64,9 +64,12 @@ def _excluded(targets: Sequence[WeightTarget]) -> dict[str, set[int]]:
 
 
 def _sample_excluding(n: int, count: int, excluded: set[int], generator: torch.Generator,
-                      what: str) -> list[int]:
-    """``count`` distinct integers in [0, n) outside ``excluded``, uniformly at random."""
+                      what: str, clip: bool = False) -> list[int]:
+    """``count`` distinct integers in [0, n) outside ``excluded``, uniformly at random
+    (``clip``: as many as there are when fewer than ``count`` are left)."""
     available = n - len(excluded)
+    if clip:
+        count = min(count, available)
     if count > available:
         raise UserError(f"cannot draw {count} control weights from {what}: it has {n} weights, "
                         f"{len(excluded)} of them targets")
@@ -96,13 +99,14 @@ def _as_targets(param: str, flats: Iterable[int], shape: tuple[int, ...]) -> lis
 
 
 def random_k(named_params: Any, targets: Sequence[WeightTarget],
-             generator: torch.Generator) -> list[WeightTarget]:
+             generator: torch.Generator, clip: bool = False) -> list[WeightTarget]:
     """Uniform random control set matched to ``targets`` per tensor.
 
     For every tensor holding c targets, draw c distinct weights of that tensor uniformly
     among its non-target weights. ``named_params`` is a module, a name->tensor or a
     name->shape mapping (only shapes are used). Output: tensors in order of first
-    appearance in ``targets``, ascending flat index within each.
+    appearance in ``targets``, ascending flat index within each. A tensor with fewer than c
+    non-target weights is an error, or with ``clip`` gives all it has (the set is smaller).
     """
     shapes = param_shapes(named_params)
     excluded = _excluded(targets)
@@ -111,13 +115,14 @@ def random_k(named_params: Any, targets: Sequence[WeightTarget],
         if param not in shapes:
             raise UserError(f"target tensor {param!r} is not among the model's parameters")
         shape = shapes[param]
-        flats = _sample_excluding(numel(shape), count, excluded[param], generator, repr(param))
+        flats = _sample_excluding(numel(shape), count, excluded[param], generator, repr(param), clip)
         out.extend(_as_targets(param, flats, shape))
     return out
 
 
 def bottom_k(named_params: Any, targets: Sequence[WeightTarget],
-             ranking: Any, k: int | None = None, per_tensor: bool = False) -> list[WeightTarget]:
+             ranking: Any, k: int | None = None, per_tensor: bool = False,
+             clip: bool = False) -> list[WeightTarget]:
     """The least sensitive weights of ``ranking``, targets excluded.
 
     ``ranking`` lists weights least sensitive first: a TopK of ``largest=False`` (anything
@@ -139,7 +144,7 @@ def bottom_k(named_params: Any, targets: Sequence[WeightTarget],
     out: list[WeightTarget] = []
     for param, count in counts_per_tensor(targets).items():
         own = [c for c in candidates if c.param == param][:count]
-        if len(own) < count:
+        if len(own) < count and not clip:
             raise UserError(f"the bottom-k ranking has {len(own)} weights of {param!r} outside "
                             f"the targets; {count} are needed")
         out.extend(own)
@@ -181,7 +186,7 @@ def _magnitude(chunk: torch.Tensor) -> torch.Tensor:
 
 def magnitude_matched(named_params: Any, targets: Sequence[WeightTarget],
                       generator: torch.Generator, pool_factor: int = 10,
-                      min_pool: int = 32) -> list[WeightTarget]:
+                      min_pool: int = 32, clip: bool = False) -> list[WeightTarget]:
     """Control set drawn among the largest-|W| weights of the targets' own tensors.
 
     For every tensor holding c targets, the pool is its top ``max(pool_factor*c, min_pool)``
@@ -202,6 +207,8 @@ def magnitude_matched(named_params: Any, targets: Sequence[WeightTarget],
         tensor = params[param]
         size = max(pool_factor * count, min_pool) + len(excluded[param])
         pool = magnitude_pool(tensor, size, excluded[param])
+        if clip:
+            count = min(count, pool.numel())
         if pool.numel() < count:
             raise UserError(f"cannot draw {count} magnitude-matched controls from {param!r}: "
                             f"its pool outside the targets holds {pool.numel()} weights")

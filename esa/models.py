@@ -77,6 +77,23 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[key]
 
 
+BUILTIN_PREFIX = "esa:tiny-"
+
+
+def builtin_model_dir(model_id: str) -> Path:
+    """`esa:tiny-<arch>`: the built-in tiny model, trained once on the built-in corpus and cached.
+
+    ESA_TINY_STEPS sets its training steps (default 400); each value is cached separately.
+    """
+    from esa.tiny import ARCHS, builtin_tiny_model
+
+    arch = model_id[len(BUILTIN_PREFIX):]
+    if arch not in ARCHS:
+        raise UserError(f"unknown built-in model '{model_id}'; use esa:tiny-<arch> with arch one of "
+                        f"{', '.join(ARCHS)}")
+    return builtin_tiny_model(arch, train_steps=int(os.environ.get("ESA_TINY_STEPS", "400")))
+
+
 def _looks_like_path(model_id: str) -> bool:
     # A hub id is "name" or "org/name"; anything else that names a file-system location is a path.
     return (model_id.startswith((".", "/", "~")) or model_id.count("/") > 1
@@ -93,6 +110,8 @@ def locate_model(spec: ModelSpec) -> str:
     With HF_HUB_OFFLINE=1 a model missing from the cache fails at once (transformers would
     otherwise retry the network for tens of seconds before failing).
     """
+    if spec.id.startswith(BUILTIN_PREFIX):
+        return str(builtin_model_dir(spec.id))
     path = Path(os.path.expanduser(spec.id))
     if path.is_dir():
         if not (path / "config.json").exists():

@@ -16,6 +16,8 @@ os.environ["ESA_CACHE_DIR"] = _SESSION_CACHE
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# esa:tiny-<arch> trains the built-in model once per cache; a few steps keep the suite fast.
+os.environ.setdefault("ESA_TINY_STEPS", "30")
 
 ARCHS = ("llama", "mistral", "phi3", "mixtral", "gpt_neox", "gpt2")
 

@@ -11,10 +11,11 @@ import sys
 from collections.abc import Sequence
 
 from esa import __version__
+from esa.cli.options import HelpFormatter
 from esa.errors import UserError
 
 # Each module defines add_parser(subparsers); the order here is the order in `esa --help`.
-_COMMAND_MODULES = ("tiny_model", "baseline", "profile", "perturb", "reduce", "overlap", "run", "demo")
+_COMMAND_MODULES = ("tiny_model", "baseline", "profile", "perturb", "reduce", "overlap", "run", "validate", "demo")
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog="esa", description="Extreme sensitivity analysis of causal language models: "
         "baseline (phase 1), profile (phase 2), perturb (phase 3), and the tools around them.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"esa {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in _COMMAND_MODULES:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from esa.cli.options import HELP_FORMATTER, add_data_flags, add_logging_flags, add_model_flags, data_section, model_section
+from esa.cli.options import (HELP_FORMATTER, add_data_flags, add_logging_flags, add_model_flags, data_section,
+                             default_out_dir, model_section)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -16,7 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_flags(p)
     add_data_flags(p)
     p.add_argument("--seed", type=int, default=0, help="random seed (phase 1 itself draws nothing)")
-    p.add_argument("--out-dir", required=True, help="output folder")
+    p.add_argument("--out-dir", default=None, help="output folder (default: outputs/<model name>/baseline)")
     p.add_argument("--experiment", default=None, help="experiment name recorded in the manifest")
     add_logging_flags(p)
     p.set_defaults(func=run)
@@ -28,7 +29,7 @@ def build_manifest(args: argparse.Namespace) -> dict:
 
     return {"schema_version": SCHEMA_VERSION, "phase": 1, "experiment": args.experiment or "adhoc",
             "model": model_section(args), "data": data_section(args), "seed": args.seed,
-            "outputs": {"dir": args.out_dir}}
+            "outputs": {"dir": args.out_dir or default_out_dir(args, "baseline")}}
 
 
 def run(args: argparse.Namespace) -> int:

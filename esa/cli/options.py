@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-HELP_FORMATTER = argparse.ArgumentDefaultsHelpFormatter
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows '(default: X)' for every flag that has a default; flags without one say so in words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
+
+
+HELP_FORMATTER = HelpFormatter
 
 
 def positive_int(text: str) -> int:
@@ -24,13 +33,16 @@ def add_logging_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("logging")
     g.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors; no progress bars")
     g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                   help="log level on stderr (the job's esa.log in --out-dir gets the same)")
+                   help="log level on stderr (the job's esa.log in --out-dir keeps INFO and up)")
+    g.add_argument("--verbose", "-v", dest="log_level", action="store_const", const="DEBUG",
+                   help="same as --log-level DEBUG")
 
 
 def add_model_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
     """--model --revision --dtype --device --attention --trust-remote-code."""
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=required, help="hub id (read from the local HF cache) or a local directory")
+    g.add_argument("--model", required=required, help="hub id (read from the local HF cache), a local directory, or esa:tiny-<arch> "
+                        "(the built-in tiny model, trained once and cached)")
     g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="weights dtype; auto = bf16 on GPU, fp32 on CPU")
@@ -57,6 +69,14 @@ def add_data_flags(p: argparse.ArgumentParser, batch_size: int = 4) -> None:
     g.add_argument("--max-samples", type=positive_int, default=None,
                    help="use the first K windows (default: all)")
     g.add_argument("--batch-size", type=positive_int, default=batch_size, help="windows per forward pass")
+
+
+def default_out_dir(args: argparse.Namespace, what: str) -> str:
+    """outputs/<model name>/<what> when --out-dir is not given (the runbook omits it at times)."""
+    from pathlib import Path
+
+    name = Path(str(args.model).rstrip("/")).name.replace(":", "-") or "model"
+    return str(Path("outputs") / name / what)
 
 
 def model_section(args: argparse.Namespace) -> dict[str, Any]:

@@ -28,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--mode", default=None, choices=["per_layer", "global"],
                    help="with --from-scores: the ranking mode it must hold")
     p.add_argument("--seed", type=int, default=0, help="seed of random perturbations and control draws")
-    p.add_argument("--out-dir", required=True, help="output folder")
+    p.add_argument("--out-dir", default=None, help="output folder (default: outputs/<model name>/perturb_<name>)")
     p.add_argument("--save-plots", action="store_true", help="draw the target ΔPPL against the controls")
     p.add_argument("--experiment", default=None, help="experiment name recorded in the manifest")
     add_logging_flags(p)
@@ -42,7 +42,10 @@ def run(args: argparse.Namespace) -> int:
 
     if not (args.target or args.target_list or args.from_scores):
         raise UserError("no targets: give --target PARAM:I,J, --target-list CSV or --from-scores scores.h5")
-    manifest = phase3_manifest(args, seed=args.seed, out_dir=args.out_dir, targets=args.target,
+    from esa.cli.options import default_out_dir
+
+    out_dir = args.out_dir or default_out_dir(args, f"perturb_{args.perturb}")
+    manifest = phase3_manifest(args, seed=args.seed, out_dir=out_dir, targets=args.target,
                                target_list=args.target_list, from_scores=args.from_scores)
     summary = run_manifest(manifest)
     if not args.quiet:

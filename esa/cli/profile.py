@@ -63,7 +63,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--stability-check", action="store_true",
                    help="with several seeds: write OUT/stability_summary.json (top-k Jaccard, rank correlation)")
     o = p.add_argument_group("outputs")
-    o.add_argument("--out-dir", required=True, help="output folder")
+    o.add_argument("--out-dir", default=None,
+                   help="output folder (default: outputs/<model name>/<metric>_<mode>_k<topk>)")
     o.add_argument("--save-scores", default="full", choices=["full", "topk"],
                    help="full: every score tensor in scores.h5; topk: only the ranked lists (huge models)")
     o.add_argument("--score-dtype", default="float32", choices=["float32", "float16"], help="dtype of stored scores")
@@ -109,7 +110,9 @@ def run(args: argparse.Namespace) -> int:
     seeds = args.seeds or [args.seed]
     if args.stability_check and len(seeds) < 2:
         raise UserError("--stability-check needs at least two --seeds (e.g. --seeds 0,1,2)")
-    out = Path(args.out_dir)
+    from esa.cli.options import default_out_dir
+
+    out = Path(args.out_dir or default_out_dir(args, f"{args.metric}_{args.mode}_k{args.topk}"))
     folders: dict[int, Path] = {}
     for seed in seeds:
         folder = out if len(seeds) == 1 else out / f"seed_{seed}"

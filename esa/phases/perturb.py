@@ -78,9 +78,11 @@ def _control_sets(name: str, model: Any, targets: list[WeightTarget], repeats: i
             raise UserError("the bottom_k control needs a ranking: use --from-scores (or esa profile --perturb)")
         ranking = _topk_rows(section["from_scores"], None, None, "bottomk")
         per_tensor = (section.get("mode") or "per_layer") == "per_layer"
-        return [bottom_k(model, targets, ranking, per_tensor=per_tensor)]
+        return [bottom_k(model, targets, ranking, per_tensor=per_tensor, clip=True)]
     draw = random_k if name == "random_k" else magnitude_matched
-    return [draw(model, targets, cpu_generator(seed * 100_003 + r + 1)) for r in range(repeats)]
+    # clip: a tensor whose weights are almost all targets (a per-layer top-k as large as a
+    # norm vector) gives what it has; the record says how many weights each draw held.
+    return [draw(model, targets, cpu_generator(seed * 100_003 + r + 1), clip=True) for r in range(repeats)]
 
 
 def _reuse_baseline(path: str | None, n_windows: int, fingerprint: str, model_id: str) -> EvalResult | None:
@@ -152,6 +154,10 @@ def run_perturb(manifest: dict[str, Any], out: Path) -> dict[str, Any]:
         entry = summarize_controls(delta_ppl, ppl_deltas)
         entry["nll"] = summarize_controls(delta_nll, nll_deltas)
         entry["draws"] = len(sets)
+        entry["sizes"] = [len(c) for c in sets]
+        if min(entry["sizes"]) < len(targets):
+            log.warning("%s: some target tensors have too few other weights; control sets hold %d-%d weights "
+                        "for %d targets", name, min(entry["sizes"]), max(entry["sizes"]), len(targets))
         control_out[name] = entry
         log.info("%s: target ΔPPL %.4g vs control mean %.4g (p = %.3g, z = %.3g)", name, delta_ppl,
                  entry["mean"], entry["p_value"], entry["z"])
