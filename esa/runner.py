@@ -96,4 +96,9 @@ def run_file(path: str | Path) -> dict[str, Any]:
         manifest = read_json(path)
     except ValueError as exc:
         raise UserError(f"manifest file '{path}' is not valid JSON: {exc}") from exc
+    from esa.schema import check_manifest, run_dir_of
+
+    # Files are what plans and clusters run: they get the full JSON Schema (field-named errors,
+    # outputs confined to the run folder) before any model work.
+    check_manifest(manifest, run_dir=run_dir_of(path), source=f"manifest file '{path}'")
     return run(manifest)
