@@ -1,0 +1,28 @@
+"""`esa analyze RUN`: the offline report over a run folder (the analysis package; no torch)."""
+
+from __future__ import annotations
+
+import argparse
+
+from esa.cli.options import HELP_FORMATTER
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the subcommand."""
+    from analysis.__main__ import add_arguments
+
+    p = sub.add_parser("analyze", help="aggregate finished jobs into report.md / report.html",
+                       formatter_class=HELP_FORMATTER,
+                       description="Read the result files under RUN (never a model) and write "
+                       "RUN/report/: job table, overlap, stability and ΔPPL tables, plots, "
+                       "report.md and a self-contained report.html.")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the report and print the path of report.html."""
+    from analysis.report import build_report
+
+    print(build_report(args.run, args.out))
+    return 0
