@@ -1,18 +1,27 @@
-"""The demo pipeline: built-in tiny model -> phase 1 -> report, all local and offline."""
+"""The demo pipeline, local and offline: built-in tiny model -> phase 1 -> phase 2 (two metrics
+x two seeds) -> phase 3 (zero and sign_flip against controls) -> the offline analysis report.
+
+Every step is a manifest run through esa.runner, exactly as an array task on a cluster runs
+it; the run folder has the job layer's layout (RUN/results/<job>/), so `make analyze` works
+on it too.
+"""
 
 from __future__ import annotations
 
-import html
 import os
 from pathlib import Path
+from typing import Any
 
-from esa.io import atomic_write_text, read_json
 from esa.logs import get_logger
-from esa.manifest import SCHEMA_VERSION
+from esa.manifest import SCHEMA_VERSION, manifest_id
 from esa.runner import run
-from esa.tiny import builtin_tiny_model
+from esa.tiny import BUILTIN_TRAIN_STEPS
 
 log = get_logger("demo")
+
+METRICS = ("grad_x_weight", "act_mag")
+SEEDS = (0, 1)
+PERTURBATIONS = ({"name": "zero", "params": {}}, {"name": "sign_flip", "params": {"scale": 1.0}})
 
 
 def runs_root() -> Path:
@@ -20,37 +29,54 @@ def runs_root() -> Path:
     return Path(os.environ.get("ESA_RUNS") or "runs")
 
 
-def run_demo(out_dir: str | None = None, train_steps: int = 400, seq_len: int = 128,
-             max_samples: int = 256) -> Path:
-    """Run the demo; returns the path of report.html."""
+def _job(root: Path, phase: int, model: dict[str, Any], data: dict[str, Any], seed: int,
+         **sections: Any) -> dict[str, Any]:
+    manifest = {"schema_version": SCHEMA_VERSION, "phase": phase, "experiment": "demo", "model": model,
+                "data": data, "seed": seed, **sections, "outputs": {"dir": ""}}
+    job_id = manifest_id(manifest)
+    manifest["outputs"] = {**sections.pop("outputs", {}), "dir": str(root / "results" / job_id)}
+    return manifest
+
+
+def run_demo(out_dir: str | None = None, train_steps: int = BUILTIN_TRAIN_STEPS, seq_len: int = 128,
+             max_samples: int = 64, topk: int = 8, control_repeats: int = 20) -> Path:
+    """Run the whole pipeline into the run folder; returns the path of report.html."""
+    from esa.models import builtin_model_dir
+
     root = Path(out_dir) if out_dir else runs_root() / "demo"
-    model_dir = builtin_tiny_model("llama", train_steps=train_steps)
-    data = {"dataset": "builtin", "config": None, "split": "validation", "text_field": "text",
-            "seq_len": seq_len, "max_samples": max_samples, "batch_size": 8}
+    os.environ.setdefault("ESA_TINY_STEPS", str(train_steps))
+    model_dir = builtin_model_dir("esa:tiny-llama")
     model = {"id": str(model_dir), "revision": None, "dtype": "fp32", "device": "cpu",
              "attention": "auto", "trust_remote_code": False}
-    baseline_dir = root / "results" / "phase1-baseline"
-    run({"schema_version": SCHEMA_VERSION, "phase": 1, "experiment": "demo", "model": model,
-         "data": data, "seed": 0, "outputs": {"dir": str(baseline_dir)}})
-    return write_report(root, baseline_dir)
+    evaluation = {"dataset": "builtin", "config": None, "split": "validation", "text_field": "text",
+                  "seq_len": seq_len, "max_samples": max_samples, "batch_size": 8}
+    calibration = {**evaluation, "split": "train", "max_samples": 16, "pool_size": 256, "batch_size": 4}
 
+    log.info("demo 1/4: baseline")
+    baseline = _job(root, 1, model, evaluation, 0)
+    run(baseline)
+    eval_json = str(Path(baseline["outputs"]["dir"]) / "eval.json")
 
-def write_report(root: Path, baseline_dir: Path) -> Path:
-    """A small self-contained HTML + Markdown report of the demo's results."""
-    ev = read_json(baseline_dir / "eval.json")
-    rows = [("perplexity", f"{ev['ppl']:.3f}"), ("mean NLL (nats/token)", f"{ev['nll']:.4f}"),
-            ("token accuracy", f"{ev['token_accuracy']:.4f}"), ("predicted tokens", str(ev["n_tokens"])),
-            ("windows", str(ev["n_windows"])), ("model", ev["model"]["source"]),
-            ("sanity flags", "; ".join(ev["flags"]) or "none")]
-    report_dir = root / "report"
-    md = ["# ESA demo report", "", "## Phase 1: baseline", "", "| figure | value |", "| --- | --- |"]
-    md += [f"| {k} | {v} |" for k, v in rows]
-    atomic_write_text(report_dir / "report.md", "\n".join(md) + "\n")
-    table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>ESA demo report</title>"
-            f"<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}"
-            f"th{{text-align:left;padding-right:2em}}</style></head><body>"
-            f"<h1>ESA demo report</h1><h2>Phase 1: baseline</h2><table>{table}</table></body></html>")
-    path = atomic_write_text(report_dir / "report.html", page)
-    log.info("report written to %s", path)
-    return path
+    log.info("demo 2/4: profiling (%s x seeds %s)", ", ".join(METRICS), SEEDS)
+    profiles = []
+    for metric in METRICS:
+        for seed in SEEDS:
+            job = _job(root, 2, model, calibration, seed, metric={"name": metric, "probes": 1},
+                       ranking={"mode": "global", "topk": topk}, shard="0/1",
+                       outputs={"export_topk_csv": True, "export_stats": True, "save_plots": False})
+            run(job)
+            profiles.append(job)
+
+    log.info("demo 3/4: perturbation of the top-%d weights against random_k and bottom_k", topk)
+    for job in (p for p in profiles if p["seed"] == SEEDS[0]):
+        scores = str(Path(job["outputs"]["dir"]) / "scores.h5")
+        for pert in PERTURBATIONS:
+            run(_job(root, 3, model, evaluation, job["seed"], perturbation=pert,
+                     targets={"weights": [], "list": None, "from_scores": scores, "topk": topk, "mode": "global"},
+                     controls={"names": ["random_k", "bottom_k"], "repeats": control_repeats},
+                     baseline={"eval_json": eval_json}, outputs={"save_plots": True}))
+
+    log.info("demo 4/4: offline analysis")
+    from analysis import build_report
+
+    return build_report(root)

@@ -83,15 +83,16 @@ BUILTIN_PREFIX = "esa:tiny-"
 def builtin_model_dir(model_id: str) -> Path:
     """`esa:tiny-<arch>`: the built-in tiny model, trained once on the built-in corpus and cached.
 
-    ESA_TINY_STEPS sets its training steps (default 400); each value is cached separately.
+    ESA_TINY_STEPS sets its training steps (default esa.tiny.BUILTIN_TRAIN_STEPS); each value is
+    cached separately.
     """
-    from esa.tiny import ARCHS, builtin_tiny_model
+    from esa.tiny import ARCHS, BUILTIN_TRAIN_STEPS, builtin_tiny_model
 
     arch = model_id[len(BUILTIN_PREFIX):]
     if arch not in ARCHS:
         raise UserError(f"unknown built-in model '{model_id}'; use esa:tiny-<arch> with arch one of "
                         f"{', '.join(ARCHS)}")
-    return builtin_tiny_model(arch, train_steps=int(os.environ.get("ESA_TINY_STEPS", "400")))
+    return builtin_tiny_model(arch, train_steps=int(os.environ.get("ESA_TINY_STEPS", BUILTIN_TRAIN_STEPS)))
 
 
 def _looks_like_path(model_id: str) -> bool:
