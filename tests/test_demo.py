@@ -1,0 +1,72 @@
+"""The demo pipeline end to end (small sizes): its report's numbers equal the result files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from esa.demo import METRICS, PERTURBATIONS, SEEDS, run_demo
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    report = run_demo(out_dir=str(root), seq_len=32, max_samples=8, topk=4, control_repeats=3)
+    return root, report
+
+
+def rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_demo_writes_a_report_with_every_job_complete(demo):
+    root, report = demo
+    assert report == root / "report" / "report.html" and report.stat().st_size > 10_000
+    jobs = rows(root / "report" / "jobs.csv")
+    expected = 1 + len(METRICS) * len(SEEDS) + len(METRICS) * len(PERTURBATIONS)
+    assert len(jobs) == expected
+    assert {j["status"] for j in jobs} == {"complete"}
+
+
+def test_report_baseline_equals_eval_json(demo):
+    root, _ = demo
+    (row,) = rows(root / "report" / "baselines.csv")
+    ev = json.loads((root / row["path"] / "eval.json").read_text())
+    assert float(row["ppl"]) == pytest.approx(ev["ppl"], rel=1e-12)
+    assert float(row["token_accuracy"]) == pytest.approx(ev["token_accuracy"], rel=1e-12)
+    assert int(row["n_tokens"]) == ev["n_tokens"]
+    assert f"{ev['ppl']:.2f}"[:5] in (root / "report" / "report.md").read_text()
+
+
+def test_report_delta_ppl_equals_perturbation_json(demo):
+    root, _ = demo
+    table = rows(root / "report" / "delta_ppl.csv")
+    assert len(table) == len(METRICS) * len(PERTURBATIONS)
+    for row in table:
+        res = json.loads((root / row["path"] / "perturbation.json").read_text())
+        assert float(row["delta_ppl"]) == pytest.approx(res["delta_ppl"], rel=1e-12)
+        assert float(row["baseline_ppl"]) == pytest.approx(res["baseline"]["ppl"], rel=1e-12)
+        for control in ("random_k", "bottom_k"):
+            c = res["controls"][control]
+            assert float(row[f"{control}_p_value"]) == pytest.approx(c["p_value"])
+            assert int(row[f"{control}_n"]) == len(c["deltas"])
+            finite = [d for d in c["deltas"] if d is not None and math.isfinite(d)]
+            assert float(row[f"{control}_mean"]) == pytest.approx(sum(finite) / len(finite))
+
+
+def test_report_stability_equals_the_rankings(demo):
+    root, _ = demo
+    from esa.overlap import jaccard, load_ranked_list
+
+    summary = json.loads((root / "report" / "stability_summary.json").read_text())
+    for metric in METRICS:
+        (entry,) = [e for e in summary["seeds"] if e["metric"] == metric]
+        # Recompute the seeds' Jaccard from their own top_weights.csv files.
+        a, b = (load_ranked_list(root / m["path"] / "top_weights.csv") for m in entry["members"])
+        expected = jaccard({i.key for i in a.items}, {i.key for i in b.items})
+        assert entry["by"]["parameter"]["jaccard_mean"] == pytest.approx(expected)
