@@ -211,3 +211,23 @@ def test_perturb_eval_commands(outputs):
     bf = json.loads((root / "p3/llama31_8b/bitflip_k10/perturb/perturbation.json").read_text())
     hit = [a for a in bf["applied"] if a["bits"]]
     assert len(hit) == max(1, math.floor(0.05 * bf["n_targets"] + 0.5))  # round half up
+
+
+def test_analysis_over_the_runbook_outputs(outputs):
+    """The offline analysis aggregates everything the runbook wrote."""
+    import csv
+
+    from analysis import build_report
+
+    root, _ = outputs
+    report = build_report(root)
+    assert report.exists() and "Phase 3" in report.read_text()
+    with open(root / "report" / "jobs.csv", newline="") as fh:
+        jobs = list(csv.DictReader(fh))
+    assert {j["status"] for j in jobs} == {"complete"}
+    phases = [j["phase"] for j in jobs]
+    # 1 baseline, the phase-2 jobs (every seed folder counts), and every perturbation.json.
+    assert phases.count("1") == 1
+    assert phases.count("3") == 5 * 3 + 1 + len(PERTURB_EVAL)
+    with open(root / "report" / "delta_ppl.csv", newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == phases.count("3")
