@@ -7,12 +7,16 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import os
+
 import pytest
 
 from analysis import build_report
 from analysis.synthetic import example_run
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+if CHROMIUM is None and os.environ.get("ESA_REQUIRE_BROWSER") == "1":
+    raise RuntimeError("ESA_REQUIRE_BROWSER=1 but chromium is not installed (apt-get install -y chromium)")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed "
                                 "(apt-get install -y chromium); CI installs it")
 
