@@ -47,6 +47,6 @@ def next_token_nll(model: torch.nn.Module, input_ids: torch.Tensor,
             f"the next-token loss is {loss.item()}{where} (model dtype {dtype}); the model "
             "produces non-finite logits on this data, so no sensitivity score can be "
             "computed. Check the weights (a previous perturbation not undone?), try "
-            "--dtype float32, or inspect the calibration text."
+            "--dtype fp32, or inspect the calibration text."
         )
     return loss
