@@ -11,7 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -106,14 +109,30 @@ def builtin_tokenizer(vocab_size: int = 2048, max_bytes: int = 8_000_000) -> Any
 
     key = hashlib.sha256(f"{corpus.builtin_fingerprint('train', max_bytes)}:{vocab_size}".encode())
     path = cache_dir() / "tokenizers" / key.hexdigest()[:16]
-    if not (path / "tokenizer.json").exists():
-        t0 = time.perf_counter()
-        tok = train_tokenizer(corpus.builtin_documents("train", max_bytes), vocab_size)
-        tmp = path.with_name(path.name + ".tmp")
-        tok.save_pretrained(tmp)
-        tmp.replace(path) if not path.exists() else None
-        log.info("trained a %d-token BPE tokenizer in %.1f s", vocab_size, time.perf_counter() - t0)
+    with _build_lock(path):
+        if not (path / "tokenizer.json").exists():
+            t0 = time.perf_counter()
+            tok = train_tokenizer(corpus.builtin_documents("train", max_bytes), vocab_size)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tok.save_pretrained(tmp)
+            tmp.replace(path)
+            log.info("trained a %d-token BPE tokenizer in %.1f s", vocab_size, time.perf_counter() - t0)
     return AutoTokenizer.from_pretrained(path)
+
+
+@contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    """Exclusive lock for building a cached artefact: array tasks that start together on a
+    fresh cache build it once (the others wait, then find it)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def build_tiny_model(arch: str, vocab_size: int, seed: int = 0, size: TinySize = TinySize()) -> Any:
@@ -212,13 +231,14 @@ def builtin_tiny_model(arch: str = "llama", train_steps: int = BUILTIN_TRAIN_STE
     key = hashlib.sha256(json.dumps([arch, train_steps, seed, corpus.builtin_fingerprint("train", 8_000_000),
                                      asdict(TinySize())]).encode()).hexdigest()[:12]
     path = cache_dir() / "models" / f"tiny-{arch}-{key}"
-    if not (path / "esa_tiny.json").exists():
-        log.info("building the built-in tiny %s model (once; cached at %s)", arch, path)
-        tmp = path.with_name(path.name + ".partial")
-        write_tiny_model(arch, tmp, seed=seed, train_steps=train_steps)
-        if path.exists():
-            import shutil
+    with _build_lock(path):
+        if not (path / "esa_tiny.json").exists():
+            log.info("building the built-in tiny %s model (once; cached at %s)", arch, path)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+            write_tiny_model(arch, tmp, seed=seed, train_steps=train_steps)
+            if path.exists():  # a half-written folder from a killed build
+                import shutil
 
-            shutil.rmtree(path)
-        tmp.replace(path)
+                shutil.rmtree(path)
+            tmp.replace(path)
     return path

@@ -97,3 +97,21 @@ def test_training_steps_are_deterministic_and_lower_the_loss(tmp_path):
 def test_unknown_arch_is_a_user_error():
     with pytest.raises(UserError, match="unknown architecture 'bert'"):
         tiny_config("bert", 300)
+
+
+def test_concurrent_first_use_builds_the_builtin_model_once(tmp_path):
+    """Array tasks that start together on a fresh cache share one build (file lock)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ESA_CACHE_DIR": str(tmp_path)}
+    code = "from esa.tiny import builtin_tiny_model; print(builtin_tiny_model('llama', train_steps=2))"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert outs[0] == outs[1]
+    built = [p.name for p in (tmp_path / "models").iterdir() if not p.name.startswith(".")]
+    assert built == [os.path.basename(outs[0])]  # no leftover partial folder
+    assert AutoModelForCausalLM.from_pretrained(outs[0]) is not None

@@ -127,7 +127,9 @@ class _ResumableFeed:
         for batch in batches(self.calib, self.batch_size, self.device, self.start):
             asked = checkpoint.stop_requested() or (
                 self.stop_after is not None and self.done - self.start >= self.stop_after)
-            if asked and self.resumable:
+            # At least one batch per attempt: a stop that came while the model was loading
+            # then still makes progress, and the metric always has a batch to return sums for.
+            if asked and self.resumable and self.done > self.start:
                 self.stopped = True
                 return
             yield batch
