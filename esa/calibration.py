@@ -42,9 +42,17 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return i, n
 
 
-def shard_slice(indices: torch.Tensor, shard: int, n_shards: int) -> torch.Tensor:
-    """The contiguous part of `indices` that shard `shard` of `n_shards` owns."""
-    return torch.tensor_split(indices, n_shards)[shard]
+def shard_slice(indices: torch.Tensor, shard: int, n_shards: int, batch_size: int = 1) -> torch.Tensor:
+    """The contiguous run of whole batches of `indices` that shard `shard` of `n_shards` owns.
+
+    Shards split at batch boundaries: gradient metrics average per-batch gradients, so the
+    shards' batches must be exactly the unsharded run's batches for the sums to add up to it.
+    """
+    n_batches = -(-len(indices) // batch_size)
+    own = torch.tensor_split(torch.arange(n_batches), n_shards)[shard]  # empty when n > batches
+    if len(own) == 0:
+        return indices[:0]
+    return indices[int(own[0]) * batch_size:(int(own[-1]) + 1) * batch_size]
 
 
 def batches(windows: torch.Tensor, batch_size: int, device: torch.device,

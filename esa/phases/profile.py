@@ -160,7 +160,7 @@ def run_profile(manifest: dict[str, Any], out: Path) -> dict[str, Any]:
     if metric.needs_data:
         windows = load_windows(replace(spec, max_samples=None), loaded.tokenizer)
         chosen = select_windows(len(windows.ids), spec.max_samples, pool_size, seed)
-        chosen = shard_slice(chosen, *shard)
+        chosen = shard_slice(chosen, *shard, batch_size=batch_size)
         calib = windows.ids[chosen]
         n_windows = len(calib)
         if n_windows == 0:
