@@ -41,6 +41,14 @@ def _topk_rows(path: str, k: int | None, mode: str | None, group: str) -> list[t
     return [(p, i) for p, i, _ in rows]
 
 
+def _ranking_mode(path: str) -> str:
+    """per_layer or global: how the scores file ranked its weights."""
+    from esa.scorefile import open_score_file
+
+    with open_score_file(path) as sf:
+        return sf.topk("bottomk").mode
+
+
 def resolve_target_refs(section: dict[str, Any]) -> list[Any]:
     """Target references from explicit weights, a CSV list, or a scores.h5 ranking."""
     refs: list[Any] = list(section.get("weights") or [])
@@ -77,7 +85,7 @@ def _control_sets(name: str, model: Any, targets: list[WeightTarget], repeats: i
         if not section.get("from_scores"):
             raise UserError("the bottom_k control needs a ranking: use --from-scores (or esa profile --perturb)")
         ranking = _topk_rows(section["from_scores"], None, None, "bottomk")
-        per_tensor = (section.get("mode") or "per_layer") == "per_layer"
+        per_tensor = _ranking_mode(section["from_scores"]) == "per_layer"
         return [bottom_k(model, targets, ranking, per_tensor=per_tensor, clip=True)]
     draw = random_k if name == "random_k" else magnitude_matched
     # clip: a tensor whose weights are almost all targets (a per-layer top-k as large as a
