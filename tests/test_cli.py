@@ -104,3 +104,19 @@ def test_run_rejects_bad_manifests(tmp_path, bad, needle):
     path = tmp_path / "m.json"
     path.write_text(json.dumps(m))
     assert_one_line_error(run_esa("run", str(path)), needle)
+
+
+def test_profile_help_names_every_registered_metric():
+    from esa.cli.profile import METRIC_CHOICES
+    from esa.metrics import metric_names
+
+    assert sorted(METRIC_CHOICES) == sorted(metric_names(with_aliases=True))
+
+
+def test_building_the_parser_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; from esa.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

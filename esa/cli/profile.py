@@ -27,10 +27,14 @@ def seed_list(text: str) -> list[int]:
     return seeds
 
 
+# The registry's names, spelled out so that building the parser (esa --help, esa analyze) does
+# not import torch; tests/test_cli.py checks this list against esa.metrics.metric_names().
+METRIC_CHOICES = ("act_mag", "grad_squared", "grad_x_weight", "hessian_diag", "hutchinson_diag", "magnitude",
+                  "super_weight", "activation_magnitude")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the subcommand."""
-    from esa.metrics import metric_names
-
     p = sub.add_parser("profile", help="phase 2: score and rank every weight (scores.h5)",
                        formatter_class=HELP_FORMATTER,
                        description="Phase 2: score every weight with one metric, rank them per layer or "
@@ -40,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_data_flags(p, batch_size=1)
     g = p.add_argument_group("metric and ranking")
     g.add_argument("--metric", required=True, metavar="NAME",
-                   help=f"one of {', '.join(metric_names(with_aliases=True))}")
+                   help=f"one of {', '.join(METRIC_CHOICES)}")
     g.add_argument("--mode", default="per_layer", choices=["per_layer", "global"],
                    help="per_layer: top-k within each tensor; global: top-k over all tensors")
     g.add_argument("--topk", type=positive_int, default=100, help="k of the top-k (and bottom-k) lists")
