@@ -7,7 +7,20 @@ on a login node or a laptop with the run folder copied over. Entry points:
 
 from __future__ import annotations
 
-from analysis.collect import collect_jobs
-from analysis.report import build_report
+from typing import Any
 
 __all__ = ["build_report", "collect_jobs"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: `esa --help` builds the `esa analyze` parser from analysis.__main__ and should not
+    # pay for pandas/scipy/matplotlib until a report is actually built.
+    if name == "build_report":
+        from analysis.report import build_report
+
+        return build_report
+    if name == "collect_jobs":
+        from analysis.collect import collect_jobs
+
+        return collect_jobs
+    raise AttributeError(f"module 'analysis' has no attribute {name!r}")
