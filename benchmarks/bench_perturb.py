@@ -50,8 +50,7 @@ def main() -> None:
     windows = torch.randint(0, 50257, (args.windows, args.seq), generator=torch.Generator().manual_seed(1)).to(dev)
     params = dict(model.named_parameters())
     seed_targets = [WeightTarget(n, flat_to_index(0, tuple(p.shape)), 0) for n, p in params.items() if p.dim() == 2]
-    per = max(1, args.k // len(seed_targets))
-    targets = random_k(model, seed_targets * 1, cpu_generator(0))  # one per 2-D tensor...
+    targets = random_k(model, seed_targets, cpu_generator(0))  # one per 2-D tensor...
     while len(targets) < args.k:  # ...then more, matched per tensor, until k
         targets += random_k(model, targets, cpu_generator(len(targets)))
     targets = targets[: args.k]

@@ -27,7 +27,6 @@ from esa.overlap import (
     rank_correlations,
     ranked_list_from_items,
     stability_from_sets,
-    stability_summary,
     union_score_vectors,
     write_overlap_report,
     write_stability_summary,

@@ -13,7 +13,7 @@ from typing import Any
 
 from esa.cli.options import (HELP_FORMATTER, add_data_flags, add_logging_flags, add_model_flags,
                              data_section, model_section, positive_int)
-from esa.cli.perturb_options import add_perturbation_flags, perturbation_section, wants_perturbation
+from esa.cli.perturb_options import add_perturbation_flags, wants_perturbation
 
 
 def seed_list(text: str) -> list[int]:

@@ -22,8 +22,6 @@ from esa.targets import WeightTarget, read_target_list, resolve_targets
 
 log = get_logger("perturb")
 
-RANDOM_CONTROLS = ("random_k", "magnitude_matched")
-
 
 def _topk_rows(path: str, k: int | None, mode: str | None, group: str) -> list[tuple[str, tuple[int, ...]]]:
     """The first k weights of a scores.h5 ranking (per tensor for per_layer rankings)."""
