@@ -38,7 +38,7 @@ JOB_COLUMNS = ["id", "phase", "experiment", "model", "metric", "mode", "topk", "
                "ppl", "nll", "token_accuracy", "flags", "n_ranked", "n_windows",
                "n_targets", "delta_ppl", "delta_nll", "delta_token_accuracy"]
 _EXTRA_COLUMNS = ["dir", "from_scores", "target_mode", "target_metric", "target_job",
-                  "has_full_scores", "has_bottomk", "has_super_weights", "dataset", "seq_len"]
+                  "has_full_scores", "has_bottomk", "has_super_weights", "dataset", "seq_len", "model_id"]
 # Names kept as aliases by esa (esa.metrics.canonical_name imports torch, so the two
 # aliases are repeated here).
 _INT_COLUMNS = ("phase", "topk", "seed", "k", "n_ranked", "n_windows", "n_targets", "seq_len")
@@ -67,6 +67,16 @@ def _empty_row() -> dict[str, Any]:
     return {c: None for c in JOB_COLUMNS + _EXTRA_COLUMNS}
 
 
+def model_label(model_id: Any) -> Any:
+    """What tables and plots call a model: a hub id as it is, a local folder by its name
+    (a cache path like /root/.cache/esa/models/tiny-llama-7a3c... would swamp every table)."""
+    if not isinstance(model_id, str):
+        return model_id
+    if model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1:
+        return Path(model_id.rstrip("/")).name or model_id
+    return model_id
+
+
 def _manifest_fields(m: dict[str, Any]) -> dict[str, Any]:
     """The job-table fields a manifest determines."""
     model = m.get("model") or {}
@@ -75,7 +85,8 @@ def _manifest_fields(m: dict[str, Any]) -> dict[str, Any]:
     targets = m.get("targets") or {}
     phase = m.get("phase")
     out = {"id": m.get("id"), "phase": int(phase) if str(phase).isdigit() else phase,
-           "experiment": m.get("experiment"), "model": model.get("id"),
+           "experiment": m.get("experiment"), "model": model_label(model.get("id")),
+           "model_id": model.get("id"),
            "seed": m.get("seed"), "dataset": data.get("dataset"), "seq_len": data.get("seq_len")}
     if out["phase"] == 2:
         out.update(metric=canonical_metric((m.get("metric") or {}).get("name")),
@@ -116,7 +127,7 @@ def _read_phase2(row: dict[str, Any], folder: Path) -> None:
     if a.get("shard") not in (None, ""):
         row["shard"] = str(a["shard"])
     if row["model"] is None:
-        row["model"] = a.get("model_name")
+        row["model"], row["model_id"] = model_label(a.get("model_name")), a.get("model_name")
     try:
         prof = read_json_file(folder / "profile.json")
         row["n_ranked"] = prof.get("n_ranked") if isinstance(prof, dict) else None
