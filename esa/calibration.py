@@ -48,11 +48,17 @@ def shard_slice(indices: torch.Tensor, shard: int, n_shards: int, batch_size: in
     Shards split at batch boundaries: gradient metrics average per-batch gradients, so the
     shards' batches must be exactly the unsharded run's batches for the sums to add up to it.
     """
-    n_batches = -(-len(indices) // batch_size)
-    own = torch.tensor_split(torch.arange(n_batches), n_shards)[shard]  # empty when n > batches
+    first, stop = shard_batches(len(indices), shard, n_shards, batch_size)
+    return indices[first * batch_size:stop * batch_size]
+
+
+def shard_batches(n_windows: int, shard: int, n_shards: int, batch_size: int) -> tuple[int, int]:
+    """[first, stop) batch indices of shard `shard` of `n_shards` (empty when n > batches)."""
+    n_batches = -(-n_windows // batch_size)
+    own = torch.tensor_split(torch.arange(n_batches), n_shards)[shard]
     if len(own) == 0:
-        return indices[:0]
-    return indices[int(own[0]) * batch_size:(int(own[-1]) + 1) * batch_size]
+        return 0, 0
+    return int(own[0]), int(own[-1]) + 1
 
 
 def batches(windows: torch.Tensor, batch_size: int, device: torch.device,

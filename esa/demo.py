@@ -41,11 +41,10 @@ def _job(root: Path, phase: int, model: dict[str, Any], data: dict[str, Any], se
 def run_demo(out_dir: str | None = None, train_steps: int = BUILTIN_TRAIN_STEPS, seq_len: int = 128,
              max_samples: int = 64, topk: int = 8, control_repeats: int = 20) -> Path:
     """Run the whole pipeline into the run folder; returns the path of report.html."""
-    from esa.models import builtin_model_dir
+    from esa.tiny import builtin_tiny_model
 
     root = Path(out_dir) if out_dir else runs_root() / "demo"
-    os.environ.setdefault("ESA_TINY_STEPS", str(train_steps))
-    model_dir = builtin_model_dir("esa:tiny-llama")
+    model_dir = builtin_tiny_model("llama", train_steps=train_steps)
     model = {"id": str(model_dir), "revision": None, "dtype": "fp32", "device": "cpu",
              "attention": "auto", "trust_remote_code": False}
     evaluation = {"dataset": "builtin", "config": None, "split": "validation", "text_field": "text",

@@ -55,6 +55,10 @@ def reduce_shards(inputs: list[str | Path], out_dir: str | Path) -> dict[str, An
         if manifests and _core(manifest) != _core(manifests[0]):
             raise UserError(f"{path} is a shard of a different job (metric, model, data or seed differ)")
         shard = manifest.get("shard", "0/1")
+        n_of = str(shard).split("/")[-1]
+        if manifests and n_of != str(manifests[0].get("shard", "0/1")).split("/")[-1]:
+            raise UserError(f"{path} is shard {shard}, but the others split the data into "
+                            f"{str(manifests[0].get('shard')).split('/')[-1]} parts")
         if shard in seen_shards:
             raise UserError(f"shard {shard} is given twice ({path})")
         seen_shards.add(shard)

@@ -42,6 +42,8 @@ def run(manifest: dict[str, Any]) -> dict[str, Any]:
     manifest = {**manifest, "id": manifest.get("id") or manifest_id(manifest)}
     out = Path(manifest["outputs"]["dir"])
     out.mkdir(parents=True, exist_ok=True)
+    # A previous run's record must not vouch for this one: it is written again only on success.
+    (out / "experiment_manifest.json").unlink(missing_ok=True)
     handler = add_file_log(out / "esa.log")
     started = provenance.now_iso()
     t0 = time.perf_counter()

@@ -148,15 +148,14 @@ def test_hutchinson_seeds_reproducible_and_distinct(gpt2_fp64):
 
 
 def test_hutchinson_shards_sum_to_the_unsharded_run():
-    """Shards continuing one probe stream reproduce the unsharded run exactly (the sums are
-    additive); in production each shard seeds its own stream, which changes only the noise."""
+    """Probes are a function of (seed, global batch index): shards given their batch offset draw
+    what the unsharded run draws, so their summed accumulators reproduce it."""
     model = tiny_model("gpt_neox")
     batches = make_batches(4)
     m = get_metric("hutchinson_diag")
-    full = m.score(model, batches, MetricOptions(probes=2, generator=torch.Generator().manual_seed(3)))
-    gen = torch.Generator().manual_seed(3)
-    a = m.score(model, batches[:2], MetricOptions(probes=2, generator=gen))
-    b = m.score(model, batches[2:], MetricOptions(probes=2, generator=gen))
+    full = m.score(model, batches, MetricOptions(probes=2, seed=3))
+    a = m.score(model, batches[:2], MetricOptions(probes=2, seed=3, batch_offset=0))
+    b = m.score(model, batches[2:], MetricOptions(probes=2, seed=3, batch_offset=2))
     acc = {k: {n: a.accumulators[k][n] + b.accumulators[k][n] for n in a.accumulators[k]}
            for k in a.accumulators}
     counts = {k: a.counts[k] + b.counts[k] if k != "probes" else a.counts[k] for k in a.counts}
@@ -164,6 +163,10 @@ def test_hutchinson_shards_sum_to_the_unsharded_run():
     reduced = m.finalize(acc, counts, model)
     for n, s in full.scores.items():  # fp32 sums in a different order: scale-relative tolerance
         torch.testing.assert_close(reduced[n], s, rtol=1e-5, atol=1e-6 * float(s.max()))
+    # A shard that forgets its offset draws batch 0's probes again: a different estimate.
+    wrong = m.score(model, batches[2:], MetricOptions(probes=2, seed=3, batch_offset=0))
+    assert any(not torch.equal(wrong.accumulators["hz_sum"][n], b.accumulators["hz_sum"][n])
+               for n in b.accumulators["hz_sum"])
 
 
 def test_hutchinson_reports_spread_and_keeps_no_grads():

@@ -15,7 +15,7 @@ from esa.demo import METRICS, PERTURBATIONS, SEEDS, run_demo
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    report = run_demo(out_dir=str(root), seq_len=32, max_samples=8, topk=4, control_repeats=3)
+    report = run_demo(out_dir=str(root), train_steps=30, seq_len=32, max_samples=8, topk=4, control_repeats=3)
     return root, report
 
 

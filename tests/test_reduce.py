@@ -15,7 +15,7 @@ def profile(model, out, metric, *extra):
                  "--out-dir", str(out), "--quiet", *extra])
 
 
-@pytest.mark.parametrize("metric", ["grad_x_weight", "grad_squared", "act_mag"])
+@pytest.mark.parametrize("metric", ["grad_x_weight", "grad_squared", "act_mag", "hutchinson_diag"])
 def test_three_shards_reduce_to_the_unsharded_scores(tiny_llama, tmp_path, metric):
     assert profile(tiny_llama, tmp_path / "full", metric) == 0
     for i in range(3):

@@ -111,6 +111,11 @@ def run(args: argparse.Namespace) -> int:
     install_stop_signals()  # the cluster's USR1/USR2 warning -> checkpoint at the next batch
     get_metric(args.metric)  # an unknown metric fails before any work
     parse_shard(args.shard)
+    if wants_perturbation(args):  # and so do a bad perturbation or control, before hours of profiling
+        from esa.cli.perturb_options import controls_section, perturbation_section
+
+        perturbation_section(args)
+        controls_section(args)
     seeds = args.seeds or [args.seed]
     if args.stability_check and len(seeds) < 2:
         raise UserError("--stability-check needs at least two --seeds (e.g. --seeds 0,1,2)")

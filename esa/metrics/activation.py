@@ -122,10 +122,6 @@ class ActMag(Metric):
             n_tokens = forward_batches(model, batches)
 
         accumulators = {ACT_SQ_SUM: acc}
-        if not options.finalize:
-            return MetricResult({}, unscored=_unscored(model, acc, options), accumulators=accumulators,
-                                counts=counts)
-        scores = self.finalize(accumulators, counts, model)
         extras = {
             "tokens": n_tokens,
             # Which module's inputs scored a parameter when it is not the parameter's own
@@ -134,6 +130,10 @@ class ActMag(Metric):
                            if not w.param_name.startswith(w.module_name + ".")},
             "expert_tokens": expert_tokens,
         }
+        if not options.finalize:
+            return MetricResult({}, unscored=_unscored(model, acc, options), accumulators=accumulators,
+                                counts=counts, extras=extras)
+        scores = self.finalize(accumulators, counts, model)
         return MetricResult(scores=scores, unscored=_unscored(model, scores, options),
                             accumulators=accumulators, counts=counts, extras=extras)
 

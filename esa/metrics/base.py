@@ -58,6 +58,11 @@ class MetricOptions:
     # resumed job adds the remaining batches in the same order as an uninterrupted one.
     initial_accumulators: dict[str, dict[str, torch.Tensor]] | None = None
     initial_counts: dict[str, Any] | None = None
+    # Random draws tied to the calibration batch (Hutchinson probes): with `seed` set, batch g of
+    # the whole calibration set (g = batch_offset + i) always gets the same probes, so data
+    # shards and resumed jobs reproduce the unsharded, uninterrupted run.
+    seed: int | None = None
+    batch_offset: int = 0
     # False: return the accumulators and counts only (scores={}); the caller finalises. Lets a
     # pre-empted job checkpoint its sums, and the phase-2 runner finalise in place.
     finalize: bool = True

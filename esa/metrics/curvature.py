@@ -108,6 +108,15 @@ def probe_generator(options: MetricOptions, device: torch.device) -> torch.Gener
     return torch.Generator(device=device).manual_seed(seed)
 
 
+def batch_probe_generator(base: int, global_batch: int, device: torch.device) -> torch.Generator:
+    """The generator of the probes of calibration batch `global_batch` (on the parameters' device).
+
+    Seeding per batch, not once per job, makes the probes a function of (seed, batch): shards and
+    resumed jobs draw exactly what an unsharded, uninterrupted run draws for the same batches.
+    """
+    return torch.Generator(device=device).manual_seed((int(base) * 1_000_003 + int(global_batch)) % 2**63)
+
+
 def hutchinson_spread(accumulators: dict[str, dict[str, torch.Tensor]],
                       counts: dict[str, int]) -> dict[str, Any]:
     """Per-tensor spread of the Hutchinson estimate from the running sums.
@@ -166,13 +175,15 @@ class HutchinsonDiag(Metric):
             raise UserError(f"hutchinson_diag needs at least one probe, got {options.probes}")
         params = scored_parameters(model, options)
         names, plist = list(params), list(params.values())
-        gen = probe_generator(options, plist[0].device)
+        base = options.seed if options.seed is not None else int(
+            torch.randint(0, 2**62, (1,), generator=probe_generator(options, torch.device("cpu"))))
         acc = {n: start_sum(options, "hz_sum", n, p, sum_dtype(p.dtype)) for n, p in params.items()}
         sq = {n: start_sum(options, "hz_sq_sum", n, p, sum_dtype(p.dtype)) for n, p in params.items()}
         counts = start_counts(options, {"batches": 0, "tokens": 0, "probes": options.probes, "samples": 0})
         device = model_device(model)
         with scoring_mode(model, params), double_backward_ready(model):
             for i, batch in enumerate(batches):
+                gen = batch_probe_generator(base, options.batch_offset + i, plist[0].device)
                 batch = batch.to(device)
                 loss = next_token_nll(model, batch, batch_index=i)
                 grads = torch.autograd.grad(loss, plist, create_graph=True, allow_unused=True)
@@ -329,8 +340,6 @@ class HessianDiag(Metric):
         if counts["batches"] == 0:
             raise UserError("no calibration batches: hessian_diag needs data")
         accumulators = {"h_diag_sum": acc}
-        if not options.finalize:
-            return MetricResult({}, accumulators=accumulators, counts=counts)
         extras: dict[str, Any] = {}
         if coords is not None:
             extras["partial"] = {n: c for n, c in coords.items()}
@@ -339,6 +348,8 @@ class HessianDiag(Metric):
                  "hessian_diag": float(acc[n].view(-1)[i]) / counts["batches"]}
                 for n, c in coords.items() for i in c
             ]
+        if not options.finalize:
+            return MetricResult({}, accumulators=accumulators, counts=counts, extras=extras)
         if options.keep_accumulators:
             return MetricResult(self.finalize(accumulators, counts, model),
                                 accumulators=accumulators, counts=counts, extras=extras)

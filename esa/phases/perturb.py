@@ -91,12 +91,15 @@ def _control_sets(name: str, model: Any, targets: list[WeightTarget], repeats: i
     return [draw(model, targets, cpu_generator(seed * 100_003 + r + 1), clip=True) for r in range(repeats)]
 
 
-def _reuse_baseline(path: str | None, n_windows: int, fingerprint: str, model_id: str) -> EvalResult | None:
+def _reuse_baseline(path: str | None, n_windows: int, fingerprint: str, loaded: Any) -> EvalResult | None:
+    """A phase-1 result for exactly this model (id, revision, dtype, device type) and data, or None."""
     if not path:
         return None
     ev = read_json(path)
+    model, now = ev.get("model", {}), loaded.describe()
     same = (ev.get("n_windows") == n_windows and ev.get("data", {}).get("fingerprint") == fingerprint
-            and ev.get("model", {}).get("id") == model_id)
+            and all(model.get(k) == now[k] for k in ("id", "revision", "resolved_dtype"))
+            and str(model.get("resolved_device", "")).split(":")[0] == now["resolved_device"].split(":")[0])
     if not same:
         log.warning("baseline %s is for other data or another model; computing the baseline again", path)
         return None
@@ -140,7 +143,7 @@ def run_perturb(manifest: dict[str, Any], out: Path) -> dict[str, Any]:
     log.info("%s on %d target weights; controls %s", pert, len(targets), names or "none")
     t0 = time.perf_counter()
     base = _reuse_baseline((manifest.get("baseline") or {}).get("eval_json"), len(ids), windows.fingerprint,
-                           manifest["model"]["id"]) or evaluate(model, ids, batch_size, desc="baseline")
+                           loaded) or evaluate(model, ids, batch_size, desc="baseline")
     with perturbed(model, targets, pert, cpu_generator(seed)) as applied:
         hit = applied.records()
         pert_eval = _evaluate_or_inf(model, ids, batch_size, "perturbed")

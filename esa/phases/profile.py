@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from esa import __version__, checkpoint
-from esa.calibration import batches, parse_shard, select_windows, shard_slice
+from esa.calibration import batches, parse_shard, select_windows, shard_batches, shard_slice
 from esa.data import load_windows
 from esa.errors import UserError
 from esa.exports import write_stats, write_topk_csv
@@ -34,8 +34,11 @@ DEFAULT_OUTPUTS = {"save_scores": "full", "score_dtype": "float32", "compression
 
 
 def _metric_options(section: dict[str, Any], seed: int, shard: tuple[int, int]) -> MetricOptions:
-    gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + shard[0])  # shards draw different probes
+    # Probes are seeded per global calibration batch (seed, batch index), so shards and resumed
+    # jobs draw what the unsharded run draws.
+    gen = torch.Generator().manual_seed(int(seed))
     return MetricOptions(probes=int(section.get("probes", 1)), include=section.get("include") or None,
+                         seed=int(seed),
                          exclude=section.get("exclude") or None,
                          max_exact_coords=int(section.get("max_exact_coords", 4096)),
                          candidates=section.get("candidates") or None, generator=gen,
@@ -59,6 +62,27 @@ def score_attrs(manifest: dict[str, Any], metric: str, loaded_dtype: torch.dtype
             "mode": manifest["ranking"]["mode"], "topk": int(manifest["ranking"]["topk"])}
 
 
+def _rank(scores: dict[str, torch.Tensor], partial: dict[str, list[int]] | None, k: int, mode: str,
+          largest: bool, include: Any, exclude: Any, weights: dict[str, Any]) -> Any:
+    """rank_scores, restricted to the computed coordinates when a metric scored only some."""
+    if not partial:
+        return rank_scores(scores, k, mode, largest=largest, include=include, exclude=exclude, weights=weights)
+    # Uncomputed coordinates hold 0 in the score tensors; they must never be ranked (a 0 would
+    # look like the least sensitive weight). Push them past every real score, then drop them.
+    fill = float("-inf") if largest else float("inf")
+    masked = {}
+    for name, flat in partial.items():
+        t = torch.full_like(scores[name], fill)
+        t.view(-1)[list(flat)] = scores[name].view(-1)[list(flat)]
+        masked[name] = t
+    ranked = rank_scores(masked, k, mode, largest=largest, include=include, exclude=exclude, weights=weights)
+    keep = [i for i, sc in enumerate(ranked.score) if math.isfinite(sc)]
+    return type(ranked)(param=[ranked.param[i] for i in keep], flat_index=ranked.flat_index[keep],
+                        index=[ranked.index[i] for i in keep], score=ranked.score[keep], rank=ranked.rank[keep],
+                        value=ranked.value[keep], mode=ranked.mode, largest=ranked.largest, k=ranked.k,
+                        extra=ranked.extra)
+
+
 def finish_scores(out: Path, manifest: dict[str, Any], model: Any, result: MetricResult,
                   loaded_dtype: torch.dtype, extra_attrs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Rank, compute stats, write scores.h5 and the exports; shared with `esa reduce`."""
@@ -68,9 +92,9 @@ def finish_scores(out: Path, manifest: dict[str, Any], model: Any, result: Metri
     k, mode = int(ranking["topk"]), ranking["mode"]
     include, exclude = ranking.get("include") or None, ranking.get("exclude") or None
     weights = dict(model.named_parameters())
-    topk = rank_scores(result.scores, k, mode, include=include, exclude=exclude, weights=weights)
-    bottomk = rank_scores(result.scores, k, mode, largest=False, include=include, exclude=exclude,
-                          weights=weights)
+    partial = result.extras.get("partial")  # hessian_diag --candidates: only these were computed
+    topk = _rank(result.scores, partial, k, mode, True, include, exclude, weights)
+    bottomk = _rank(result.scores, partial, k, mode, False, include, exclude, weights)
     stats = compute_stats(result.scores, k)
     attrs = {**score_attrs(manifest, metric, loaded_dtype), **(extra_attrs or {})}
     path = write_score_file(out / "scores.h5", scores=result.scores, topk=topk, bottomk=bottomk,
@@ -112,6 +136,7 @@ class _ResumableFeed:
         saved = checkpoint.load(out, manifest_id) if metric.resumable else None
         if saved is not None:
             self.start = int(saved["batches_done"])
+            options.batch_offset += self.start  # the probes of the remaining batches stay the same
             options.initial_accumulators = saved["accumulators"]
             options.initial_counts = saved["counts"]
             if saved["generator_state"] is not None and options.generator is not None:
@@ -151,8 +176,11 @@ def run_profile(manifest: dict[str, Any], out: Path) -> dict[str, Any]:
     loaded = load_model(model_spec(manifest))
     if metric.needs_eager_attention:
         _use_eager_attention(loaded.model)
+    context = max_positions(loaded.model)
     if spec.seq_len is None:
-        spec = replace(spec, seq_len=min(2048, max_positions(loaded.model) or 2048))
+        spec = replace(spec, seq_len=min(2048, context or 2048))
+    if context is not None and spec.seq_len > context:
+        raise UserError(f"--seq-len {spec.seq_len} exceeds the model's context of {context} tokens")
     options = _metric_options(section, seed, shard)
     t0 = time.perf_counter()
     n_windows = 0
@@ -160,6 +188,7 @@ def run_profile(manifest: dict[str, Any], out: Path) -> dict[str, Any]:
     if metric.needs_data:
         windows = load_windows(replace(spec, max_samples=None), loaded.tokenizer)
         chosen = select_windows(len(windows.ids), spec.max_samples, pool_size, seed)
+        options.batch_offset = shard_batches(len(chosen), *shard, batch_size)[0]
         chosen = shard_slice(chosen, *shard, batch_size=batch_size)
         calib = windows.ids[chosen]
         n_windows = len(calib)
