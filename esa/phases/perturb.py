@@ -163,6 +163,8 @@ def run_perturb(manifest: dict[str, Any], out: Path) -> dict[str, Any]:
         entry = summarize_controls(delta_ppl, ppl_deltas)
         entry["nll"] = summarize_controls(delta_nll, nll_deltas)
         entry["draws"] = len(sets)
+        # JSON has no Inf: a destroyed model's Δ is written as null; say how many there were.
+        entry["n_nonfinite"] = sum(1 for d in ppl_deltas if not math.isfinite(d))
         entry["sizes"] = [len(c) for c in sets]
         if min(entry["sizes"]) < len(targets):
             log.warning("%s: some target tensors have too few other weights; control sets hold %d-%d weights "
@@ -175,6 +177,7 @@ def run_perturb(manifest: dict[str, Any], out: Path) -> dict[str, Any]:
         "targets": [t.name for t in targets], "applied": hit,
         "baseline": _figures(base), "perturbed": _figures(pert_eval),
         "delta_ppl": delta_ppl, "delta_nll": delta_nll,
+        "perturbed_finite": math.isfinite(pert_eval.nll),  # false: the loss became NaN/Inf (deltas are null)
         "delta_token_accuracy": pert_eval.token_accuracy - base.token_accuracy,
         "delta_nll_ci": None if ci is None else {
             "low": ci.low, "high": ci.high, "alpha": ci.alpha, "n_boot": ci.n_boot,
