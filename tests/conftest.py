@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -58,3 +59,33 @@ def run_esa(*args: str, cwd: str | Path | None = None, env: dict | None = None,
 def esa_cli():
     """The run_esa helper as a fixture."""
     return run_esa
+
+
+def slurm_cluster_problem() -> str | None:
+    """None when the single-node test cluster answers (make slurm-up), else why it cannot be used."""
+    for tool in ("sinfo", "sbatch", "sacct", "scontrol", "scancel", "squeue"):
+        if shutil.which(tool) is None:
+            return f"`{tool}` not found: start the test cluster with `make slurm-up`"
+    try:
+        r = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=20)
+        if r.returncode != 0:
+            return f"sinfo failed ({r.stderr.strip()[:200]}): is the cluster up? (`make slurm-up`)"
+        states = r.stdout.split()
+        if not any(s.rstrip("*~#$@+") in {"idle", "mixed", "allocated", "completing"} for s in states):
+            return f"no usable node (sinfo says {states or 'nothing'}): `make slurm-up`"
+        r = subprocess.run(["sacct", "-n", "-X", "-S", "now-1hours"], capture_output=True, text=True, timeout=20)
+        if r.returncode != 0:
+            return f"sacct failed ({r.stderr.strip()[:200]}): slurmdbd is not answering"
+    except subprocess.TimeoutExpired as e:
+        return f"the cluster is not responding ({e.cmd[0]} timed out)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Skip (or, with ESA_REQUIRE_SLURM=1 as in make test-slurm, fail) without a working cluster."""
+    problem = slurm_cluster_problem()
+    if problem:
+        if os.environ.get("ESA_REQUIRE_SLURM") == "1":
+            pytest.fail(f"ESA_REQUIRE_SLURM=1 but {problem}")
+        pytest.skip(problem)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -33,36 +32,6 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NOD
 
 def _run(args: list[str], timeout: float = 30, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kw)
-
-
-def _cluster_problem() -> str | None:
-    """None when the cluster answers, else why the tests cannot run."""
-    for tool in ("sinfo", "sbatch", "sacct", "scontrol", "scancel"):
-        if shutil.which(tool) is None:
-            return f"`{tool}` not found: start the test cluster with `make slurm-up`"
-    try:
-        r = _run(["sinfo", "-h", "-N", "-o", "%T"], timeout=20)
-        if r.returncode != 0:
-            return f"sinfo failed ({r.stderr.strip()[:200]}): is the cluster up? (`make slurm-up`)"
-        states = r.stdout.split()
-        if not any(s.rstrip("*~#$@+") in {"idle", "mixed", "allocated", "completing"}
-                   for s in states):
-            return f"no usable node (sinfo says {states or 'nothing'}): `make slurm-up`"
-        r = _run(["sacct", "-n", "-X", "-S", "now-1hours"], timeout=20)
-        if r.returncode != 0:
-            return f"sacct failed ({r.stderr.strip()[:200]}): slurmdbd is not answering"
-    except subprocess.TimeoutExpired as e:
-        return f"the cluster is not responding ({e.cmd[0]} timed out)"
-    return None
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    problem = _cluster_problem()
-    if problem:
-        if os.environ.get("ESA_REQUIRE_SLURM") == "1":
-            pytest.fail(f"ESA_REQUIRE_SLURM=1 but {problem}")
-        pytest.skip(problem)
 
 
 @pytest.fixture

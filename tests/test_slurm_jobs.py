@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -32,31 +31,6 @@ pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "manifests" / "tiny"
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING"}
-
-
-def _cluster_problem() -> str | None:
-    for tool in ("sinfo", "sbatch", "sacct", "scontrol", "scancel", "squeue"):
-        if shutil.which(tool) is None:
-            return f"`{tool}` not found: start the test cluster with `make slurm-up`"
-    try:
-        r = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
-        if r.returncode != 0 or not r.stdout.strip():
-            return f"sinfo does not answer ({r.stderr.strip()[:200]}): `make slurm-up`"
-        r = subprocess.run(["sacct", "-n", "-X", "-S", "now-1hours"], capture_output=True, text=True, timeout=20)
-        if r.returncode != 0:
-            return f"sacct fails ({r.stderr.strip()[:200]}): slurmdbd is not answering"
-    except subprocess.TimeoutExpired:
-        return "the cluster does not respond (timeout)"
-    return None
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    problem = _cluster_problem()
-    if problem:
-        if os.environ.get("ESA_REQUIRE_SLURM") == "1":
-            pytest.fail(f"ESA_REQUIRE_SLURM=1 but {problem}")
-        pytest.skip(problem)
 
 
 @pytest.fixture

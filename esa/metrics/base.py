@@ -96,6 +96,19 @@ class Metric(ABC):
         """Turn summed accumulators (e.g. from `esa reduce` over shards) into scores."""
         raise UserError(f"metric '{self.name}' has no additive accumulators to reduce")
 
+    def package(self, accumulators: dict[str, dict[str, torch.Tensor]], counts: dict[str, Any],
+                model: torch.nn.Module, options: MetricOptions,
+                extras: dict[str, Any] | None = None) -> MetricResult:
+        """The MetricResult of summed accumulators, as options ask: sums only (finalize=False),
+        scores plus sums (keep_accumulators), or scores built inside the sum buffers."""
+        extras = extras or {}
+        if not options.finalize:
+            return MetricResult({}, accumulators=accumulators, counts=counts, extras=extras)
+        if options.keep_accumulators:
+            return MetricResult(self.finalize(accumulators, counts, model),
+                                accumulators=accumulators, counts=counts, extras=extras)
+        return MetricResult(self.finalize(accumulators, counts, model, inplace=True), counts=counts, extras=extras)
+
 
 def start_sum(options: MetricOptions, acc_name: str, param: str, like: torch.Tensor,
               dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -204,15 +204,9 @@ class HutchinsonDiag(Metric):
         if counts["batches"] == 0:
             raise UserError("no calibration batches: hutchinson_diag needs data")
         accumulators = {"hz_sum": acc, "hz_sq_sum": sq}
-        if not options.finalize:
-            return MetricResult({}, accumulators=accumulators, counts=counts)
-        extras = {"spread": hutchinson_spread(accumulators, counts)}
-        if options.keep_accumulators:
-            return MetricResult(self.finalize(accumulators, counts, model),
-                                accumulators=accumulators, counts=counts, extras=extras)
-        del sq, accumulators["hz_sq_sum"]
-        return MetricResult(self.finalize(accumulators, counts, model, inplace=True),
-                            counts=counts, extras=extras)
+        # Without finalising, the caller gets the sums and calls summarize() itself.
+        extras = self.summarize(accumulators, counts) if options.finalize else {}
+        return self.package(accumulators, counts, model, options, extras)
 
     def finalize(self, accumulators: dict[str, dict[str, torch.Tensor]], counts: dict[str, int],
                  model: torch.nn.Module | None = None, inplace: bool = False) -> dict[str, torch.Tensor]:
@@ -348,13 +342,7 @@ class HessianDiag(Metric):
                  "hessian_diag": float(acc[n].view(-1)[i]) / counts["batches"]}
                 for n, c in coords.items() for i in c
             ]
-        if not options.finalize:
-            return MetricResult({}, accumulators=accumulators, counts=counts, extras=extras)
-        if options.keep_accumulators:
-            return MetricResult(self.finalize(accumulators, counts, model),
-                                accumulators=accumulators, counts=counts, extras=extras)
-        return MetricResult(self.finalize(accumulators, counts, model, inplace=True),
-                            counts=counts, extras=extras)
+        return self.package(accumulators, counts, model, options, extras)
 
     def finalize(self, accumulators: dict[str, dict[str, torch.Tensor]], counts: dict[str, int],
                  model: torch.nn.Module | None = None, inplace: bool = False) -> dict[str, torch.Tensor]:

@@ -185,13 +185,7 @@ class GradXWeight(Metric):
         with scoring_mode(model, params):
             counts = start_counts(options, fold_gradients(model, batches, params, fold, options.progress))
         _fill_missing(acc, params)
-        if not options.finalize:
-            return MetricResult({}, accumulators={"grad_sum": acc}, counts=counts)
-        if options.keep_accumulators:
-            return MetricResult(self.finalize({"grad_sum": acc}, counts, model),
-                                accumulators={"grad_sum": acc}, counts=counts)
-        return MetricResult(self.finalize({"grad_sum": acc}, counts, model, inplace=True),
-                            counts=counts)
+        return self.package({"grad_sum": acc}, counts, model, options)
 
     def finalize(self, accumulators: dict[str, dict[str, torch.Tensor]], counts: dict[str, int],
                  model: torch.nn.Module, inplace: bool = False) -> dict[str, torch.Tensor]:
@@ -236,13 +230,7 @@ class GradSquared(Metric):
         with scoring_mode(model, params):
             counts = start_counts(options, fold_gradients(model, batches, params, fold, options.progress))
         _fill_missing(acc, params)
-        if not options.finalize:
-            return MetricResult({}, accumulators={"grad_sq_sum": acc}, counts=counts)
-        if options.keep_accumulators:
-            return MetricResult(self.finalize({"grad_sq_sum": acc}, counts, model),
-                                accumulators={"grad_sq_sum": acc}, counts=counts)
-        return MetricResult(self.finalize({"grad_sq_sum": acc}, counts, model, inplace=True),
-                            counts=counts)
+        return self.package({"grad_sq_sum": acc}, counts, model, options)
 
     def finalize(self, accumulators: dict[str, dict[str, torch.Tensor]], counts: dict[str, int],
                  model: torch.nn.Module | None = None, inplace: bool = False) -> dict[str, torch.Tensor]:
