@@ -41,7 +41,6 @@ import itertools
 import json
 import math
 import os
-import tempfile
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +51,7 @@ import pandas as pd
 from scipy import stats
 
 from esa.errors import UserError
+from esa.io import atomic_write_text
 from esa.weights import layer_of
 
 __all__ = [
@@ -416,22 +416,9 @@ def write_overlap_report(paths: Sequence[str | os.PathLike[str]], by: str,
 
 
 def _write_json_atomic(obj: Any, out: str | os.PathLike[str]) -> None:
-    # Same-directory temp file + os.replace: a reader never sees a half-written report.
-    dest = Path(out)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            # allow_nan=False: undefined statistics must already be None (JSON null).
-            json.dump(obj, fh, indent=2, allow_nan=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    # allow_nan=False: undefined statistics must already be None (JSON null); esa.io does the
+    # same-folder temporary file + rename, so a reader never sees a half-written report.
+    atomic_write_text(out, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
 # -------------------------------------------------------------------------- stability
