@@ -6,7 +6,7 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.esa-installed
 
-.PHONY: help setup demo test clean-venv
+.PHONY: help setup demo test schema clean-venv
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -23,6 +23,9 @@ demo: $(STAMP)  ## the main job, offline, on the built-in tiny model; ends by pr
 
 test: $(STAMP)  ## the unit and end-to-end tests (no cluster, no network)
 	$(VPY) -m pytest -q -m "not slurm" tests
+
+schema: $(STAMP)  ## regenerate manifests/schema/*.json from the typed spec (esa/spec/)
+	$(VPY) -m esa.spec.schema_gen manifests/schema
 
 clean-venv:  ## remove the virtual environment
 	rm -rf $(VENV)

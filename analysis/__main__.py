@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     from analysis.report import build_report
-    from esa.errors import UserError
+    from esa.core.errors import UserError
 
     try:
         path = build_report(args.run, args.out)

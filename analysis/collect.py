@@ -9,10 +9,8 @@ A *job* is
 * a directory holding only ``scores.h5`` (what ``esa reduce`` writes): a phase-2 job whose
   manifest is read from the file's ``manifest_json`` attribute.
 
-Statuses (``STATUSES``): ``complete``; ``failed`` (``error.json`` newer than any
-``experiment_manifest.json``); ``missing`` (planned, no results folder); ``incomplete`` (a
-results folder without ``experiment_manifest.json``, or one whose status is not complete);
-``corrupt`` (the job says complete but its result file is missing, truncated or malformed).
+Statuses are those of esa.results.state.job_state (``done``, ``failed``, ``preempted``,
+``corrupt``, ``incomplete``, ``missing``): the job layer's `make status` gives the same answer.
 Only result files are read; nothing imports torch.
 """
 
@@ -24,13 +22,18 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.readers import ResultFileError, check_score_file, read_json_file
-from esa.errors import UserError
+from esa.core.errors import UserError
+from esa.core.io import read_json
+from esa.results.records import (EvalRecord, PerturbationRecord, ProfileRecord, ResultFileError,
+                                 read_record)
+from esa.results.scorefile import check_score_file
+from esa.results.state import DONE, STATES, job_state
+from esa.spec.names import METRICS
 
 __all__ = ["STATUSES", "JOB_COLUMNS", "collect_jobs", "complete_jobs", "problem_jobs",
            "perturbation_label", "canonical_metric"]
 
-STATUSES = ("complete", "failed", "missing", "incomplete", "corrupt")
+STATUSES = STATES
 # Public columns, in display order; `dir` (absolute folder) and a few `_`-free helper
 # columns follow them (see _EXTRA_COLUMNS).
 JOB_COLUMNS = ["id", "phase", "experiment", "model", "metric", "mode", "topk", "seed", "shard",
@@ -39,10 +42,7 @@ JOB_COLUMNS = ["id", "phase", "experiment", "model", "metric", "mode", "topk", "
                "n_targets", "delta_ppl", "delta_nll", "delta_token_accuracy"]
 _EXTRA_COLUMNS = ["dir", "from_scores", "target_mode", "target_metric", "target_job",
                   "has_full_scores", "has_bottomk", "has_super_weights", "dataset", "seq_len", "model_id"]
-# Names kept as aliases by esa (esa.metrics.canonical_name imports torch, so the two
-# aliases are repeated here).
 _INT_COLUMNS = ("phase", "topk", "seed", "k", "n_ranked", "n_windows", "n_targets", "seq_len")
-_METRIC_ALIASES = {"activation_magnitude": "act_mag"}
 _MARKERS = ("experiment_manifest.json", "error.json")
 _SKIP_DIRS = {"report", "manifests"}  # at the top of RUN: our own output and the plans
 
@@ -51,7 +51,7 @@ def canonical_metric(name: Any) -> str | None:
     """The canonical metric name (aliases resolved); None when absent."""
     if name in (None, ""):
         return None
-    return _METRIC_ALIASES.get(str(name), str(name))
+    return METRICS.canonical(str(name)) if str(name) in METRICS else str(name)
 
 
 def perturbation_label(section: dict[str, Any] | None) -> str | None:
@@ -99,20 +99,10 @@ def _manifest_fields(m: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return float("-inf")
-
-
 def _read_phase1(row: dict[str, Any], folder: Path) -> None:
-    ev = read_json_file(folder / "eval.json")
-    if not isinstance(ev, dict) or "ppl" not in ev:
-        raise ResultFileError("eval.json lacks the ppl field")
-    flags = ev.get("flags") or []
-    row.update(ppl=ev.get("ppl"), nll=ev.get("nll"), token_accuracy=ev.get("token_accuracy"),
-               n_windows=ev.get("n_windows"), flags="; ".join(map(str, flags)))
+    ev = read_record(EvalRecord, folder)
+    row.update(ppl=ev.ppl, nll=ev.nll, token_accuracy=ev.token_accuracy, n_windows=ev.n_windows,
+               flags="; ".join(map(str, ev.flags or [])))
 
 
 def _read_phase2(row: dict[str, Any], folder: Path) -> None:
@@ -129,25 +119,21 @@ def _read_phase2(row: dict[str, Any], folder: Path) -> None:
     if row["model"] is None:
         row["model"], row["model_id"] = model_label(a.get("model_name")), a.get("model_name")
     try:
-        prof = read_json_file(folder / "profile.json")
-        row["n_ranked"] = prof.get("n_ranked") if isinstance(prof, dict) else None
+        row["n_ranked"] = read_record(ProfileRecord, folder).n_ranked
     except ResultFileError:
         row["n_ranked"] = None  # profile.json is a convenience copy; scores.h5 is the result
 
 
 def _read_phase3(row: dict[str, Any], folder: Path) -> None:
-    pj = read_json_file(folder / "perturbation.json")
-    if not isinstance(pj, dict) or "delta_nll" not in pj:
-        raise ResultFileError("perturbation.json lacks the delta_nll field")
-    base = pj.get("baseline") or {}
-    row.update(delta_ppl=pj.get("delta_ppl"), delta_nll=pj.get("delta_nll"),
-               delta_token_accuracy=pj.get("delta_token_accuracy"), n_targets=pj.get("n_targets"),
-               ppl=base.get("ppl"), nll=base.get("nll"), token_accuracy=base.get("token_accuracy"),
-               n_windows=pj.get("n_windows"))
+    pj = read_record(PerturbationRecord, folder)
+    base = pj.baseline or {}
+    row.update(delta_ppl=pj.delta_ppl, delta_nll=pj.delta_nll, delta_token_accuracy=pj.delta_token_accuracy,
+               n_targets=pj.n_targets, ppl=base.get("ppl"), nll=base.get("nll"),
+               token_accuracy=base.get("token_accuracy"), n_windows=pj.n_windows)
     if row["perturbation"] is None:
-        row["perturbation"] = perturbation_label(pj.get("perturbation"))
+        row["perturbation"] = perturbation_label(pj.perturbation)
     if row["k"] is None:
-        row["k"] = pj.get("n_targets")
+        row["k"] = pj.n_targets
 
 
 _PHASE_READERS = {1: _read_phase1, 2: _read_phase2, 3: _read_phase3}
@@ -158,71 +144,22 @@ def _job_from_folder(folder: Path, run: Path) -> dict[str, Any]:
     row = _empty_row()
     row["dir"] = str(folder)
     row["path"] = folder.relative_to(run).as_posix() or "."
-    em_path, err_path = folder / "experiment_manifest.json", folder / "error.json"
-    record: Any = None
-    em_error = None
-    if em_path.is_file():
+    state = job_state(folder)
+    if state.manifest is not None:
+        row.update(_manifest_fields(state.manifest))
+    elif state.error is not None:
+        row.update(id=state.error.manifest_id, phase=state.error.phase)
+    if state.record is None and (folder / "scores.h5").is_file():  # a reduced (or half-written) scores.h5
+        row["phase"] = 2
+    row["status"] = state.state
+    if state.state == DONE:
         try:
-            record = read_json_file(em_path)
-            if isinstance(record, dict) and isinstance(record.get("manifest"), dict):
-                row.update(_manifest_fields(record["manifest"]))
-            else:
-                em_error, record = "experiment_manifest.json has no manifest section", None
-        except ResultFileError as exc:
-            em_error = str(exc)
-    # error.json newer than experiment_manifest.json wins: the last run failed.
-    if err_path.is_file() and (record is None or _mtime(err_path) >= _mtime(em_path)):
-        try:
-            err = read_json_file(err_path)
-        except ResultFileError as exc:
-            err = {"kind": "exception", "message": str(exc)}
-        if record is None and isinstance(err, dict):
-            row.update(id=row["id"] or err.get("manifest_id"), phase=row["phase"] or err.get("phase"))
-        err = err if isinstance(err, dict) else {}
-        detail = ": ".join(str(x) for x in (err.get("type"), err.get("message")) if x)
-        row.update(status="failed", reason=f"{err.get('kind', 'exception')}: {detail}".rstrip(": "))
+            _PHASE_READERS[row["phase"]](row, folder)
+        except (ResultFileError, KeyError) as exc:  # verified a moment ago; changed since?
+            row.update(status="corrupt", reason=str(exc))
         return row
-    if record is None and not em_path.is_file() and (folder / "scores.h5").is_file():
-        return _reduced_job(row, folder)
-    if em_error is not None:
-        row.update(status="corrupt", reason=em_error)
-        return row
-    if record is None:
-        row.update(status="incomplete", reason="no experiment_manifest.json (still running, or killed)")
-        return row
-    if record.get("status") != "complete":
-        row.update(status="incomplete", reason=f"experiment_manifest.json status is "
-                                               f"{record.get('status')!r}")
-        return row
-    reader = _PHASE_READERS.get(row["phase"])
-    if reader is None:
-        row.update(status="corrupt", reason=f"unknown phase {row['phase']!r}")
-        return row
-    try:
-        reader(row, folder)
-    except ResultFileError as exc:
-        row.update(status="corrupt", reason=str(exc))
-        return row
-    row["status"] = "complete"
-    return row
-
-
-def _reduced_job(row: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """A folder with only scores.h5 (esa reduce): its manifest comes from the file."""
-    try:
-        info = check_score_file(folder / "scores.h5")
-    except ResultFileError as exc:
-        row.update(phase=2, status="corrupt", reason=str(exc))
-        return row
-    row.update(_manifest_fields(info.manifest or {"phase": 2}))
-    row["phase"] = 2
-    if "reduced_from" not in info.attrs:
-        # A profiling job writes scores.h5 just before experiment_manifest.json: a folder
-        # caught in between (or killed there) is not finished.
-        row.update(status="incomplete", reason="scores.h5 written but no experiment_manifest.json")
-        return row
-    _read_phase2(row, folder)
-    row["status"] = "complete"
+    detail = state.message if state.state != "failed" else f"{state.reason}: {state.message}".rstrip(": ")
+    row["reason"] = detail or state.reason
     return row
 
 
@@ -248,7 +185,7 @@ def _planned(run: Path) -> dict[str, tuple[Path, dict[str, Any] | None, str | No
         return out
     for p in sorted(folder.glob("*.json")):
         try:
-            m = read_json_file(p)
+            m = read_json(p)
         except ResultFileError as exc:
             out[p.stem] = (p, None, str(exc))
             continue
@@ -295,7 +232,7 @@ def _link_targets(df: pd.DataFrame, run: Path) -> None:
     path names its folder: same absolute file, its manifest id as a path component, or its
     run-relative folder as the path's tail (the longest such tail wins).
     """
-    p2 = df[(df["phase"] == 2) & (df["status"] == "complete")]
+    p2 = df[(df["phase"] == 2) & (df["status"] == DONE)]
     cands = [(Path(d), PurePath(p).parts if p != "." else (), i, m)
              for d, p, i, m in zip(p2["dir"], p2["path"], p2["id"], p2["metric"])]
     mode_of = dict(zip(p2["id"], p2["mode"]))
@@ -374,11 +311,11 @@ def complete_jobs(jobs: pd.DataFrame, phase: int) -> pd.DataFrame:
     """The complete jobs of one phase."""
     if jobs.empty:
         return jobs
-    return jobs[(jobs["status"] == "complete") & (jobs["phase"] == phase)]
+    return jobs[(jobs["status"] == DONE) & (jobs["phase"] == phase)]
 
 
 def problem_jobs(jobs: pd.DataFrame) -> pd.DataFrame:
     """Jobs that are not complete (missing, failed, incomplete, corrupt) with their reasons."""
     if jobs.empty:
         return jobs
-    return jobs[jobs["status"] != "complete"]
+    return jobs[jobs["status"] != DONE]

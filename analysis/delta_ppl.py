@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.collect import complete_jobs
-from analysis.readers import ResultFileError, read_json_file
+from esa.results.records import EvalRecord, PerturbationRecord, ResultFileError, read_record
 
 __all__ = ["baseline_table", "distribution_summary", "DeltaResult", "delta_table",
            "condition_summary", "delta_plots", "CONDITION_KEYS"]
@@ -33,16 +33,13 @@ def baseline_table(jobs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for _, job in complete_jobs(jobs, 1).iterrows():
         try:
-            ev = read_json_file(Path(job["dir"]) / "eval.json")
+            ev = read_record(EvalRecord, job["dir"])
         except ResultFileError:
             continue  # collect() already checked it; a file removed since is simply skipped
-        data = ev.get("data") or {}
         rows.append({"model": job["model"], "dataset": job["dataset"], "seq_len": job["seq_len"],
-                     "n_windows": ev.get("n_windows"), "n_tokens": ev.get("n_tokens"),
-                     "ppl": ev.get("ppl"), "nll": ev.get("nll"),
-                     "token_accuracy": ev.get("token_accuracy"),
-                     "flags": "; ".join(map(str, ev.get("flags") or [])) or "none",
-                     "fingerprint": data.get("fingerprint"), "id": job["id"], "path": job["path"]})
+                     "n_windows": ev.n_windows, "n_tokens": ev.n_tokens, "ppl": ev.ppl, "nll": ev.nll,
+                     "token_accuracy": ev.token_accuracy, "flags": "; ".join(map(str, ev.flags or [])) or "none",
+                     "fingerprint": (ev.data or {}).get("fingerprint"), "id": job["id"], "path": job["path"]})
     return pd.DataFrame(rows)
 
 
@@ -126,7 +123,7 @@ def delta_table(jobs: pd.DataFrame) -> DeltaResult:
     rows, draws = [], []
     for _, job in complete_jobs(jobs, 3).iterrows():
         try:
-            pj = read_json_file(Path(job["dir"]) / "perturbation.json")
+            pj = read_record(PerturbationRecord, job["dir"]).to_dict()
         except ResultFileError:
             continue
         row, d = _row(job, pj)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.readers import read_topk_group
-from esa.overlap import RankedList, ranked_list_from_items
+from esa.results.overlap import RankedList, ranked_list_from_items
+from esa.results.scorefile import read_topk
 
 __all__ = ["is_full_data", "shard_of", "representatives", "load_ranked"]
 
@@ -43,6 +43,6 @@ def representatives(p2: pd.DataFrame) -> pd.DataFrame:
 
 
 def load_ranked(job_dir: str | Path, name: str, group: str = "topk") -> RankedList:
-    """The job's ``topk/`` (or ``bottomk/``) group of scores.h5 as an esa.overlap RankedList."""
-    table = read_topk_group(Path(job_dir) / "scores.h5", group)
+    """The job's ``topk/`` (or ``bottomk/``) group of scores.h5 as an esa.results.overlap RankedList."""
+    table = read_topk(Path(job_dir) / "scores.h5", group)
     return ranked_list_from_items(name, table.items())

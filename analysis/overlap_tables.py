@@ -2,8 +2,8 @@
 
 For each (model, mode) with at least two metrics, one representative job per metric
 (:func:`analysis.lists.representatives`) contributes its ``topk/`` group. At each granularity
-of esa.overlap (parameter, tensor, layer) the four pair statistics (Jaccard, overlap
-coefficient, Spearman, Kendall over the union of the top-k sets, see esa.overlap) form a
+of esa.results.overlap (parameter, tensor, layer) the four pair statistics (Jaccard, overlap
+coefficient, Spearman, Kendall over the union of the top-k sets, see esa.results.overlap) form a
 square matrix. In addition, ``tensor_mean`` compares the per-tensor mean score of the FULL
 tensors (``stats/mean`` of scores.h5) over the tensors both metrics score: Spearman and
 Kendall tau-b of those means (:func:`stats_rank_correlation`).
@@ -22,8 +22,9 @@ from scipy import stats
 
 from analysis.collect import complete_jobs
 from analysis.lists import load_ranked, representatives
-from analysis.readers import ResultFileError, read_stats_group
-from esa.overlap import GRANULARITIES, overlap_stats
+from esa.results.records import ResultFileError
+from esa.results.scorefile import read_stats
+from esa.results.overlap import GRANULARITIES, overlap_stats
 
 __all__ = ["PAIR_STATS", "OverlapGroup", "stats_rank_correlation", "cross_metric_overlap",
            "overlap_json", "overlap_heatmaps"]
@@ -85,7 +86,7 @@ def _group(model: str, mode: str, reps: pd.DataFrame) -> OverlapGroup:
         group.jobs.append({"metric": job["metric"], "id": job["id"], "seed": job["seed"],
                            "topk": job["topk"], "path": job["path"]})
         try:
-            means = {n: s["mean"] for n, s in read_stats_group(Path(job["dir"]) / "scores.h5").items()}
+            means = {s.name: s.mean for s in read_stats(Path(job["dir"]) / "scores.h5")}
         except ResultFileError:
             means = {}
         stat_maps[str(job["metric"])] = means
@@ -130,7 +131,7 @@ def overlap_json(groups: list[OverlapGroup]) -> dict[str, Any]:
                    for by in g.pairs},
             "tensor_mean": g.tensor_mean, "skipped": g.skipped,
         })
-    return {"definitions": "see esa.overlap; matrices are ordered as 'metrics'; "
+    return {"definitions": "see esa.results.overlap; matrices are ordered as 'metrics'; "
                            "tensor_mean correlates stats/mean of the full tensors",
             "groups": out}
 

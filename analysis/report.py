@@ -23,8 +23,8 @@ from analysis.render import Block, Heading, Image, Para, Table, render_html, ren
 from analysis.stability import (seed_stability, shard_stability, stability_json,
                                 stability_pairs_table, stability_table)
 from analysis.super_weights import super_weight_table
-from esa.io import atomic_write_json, atomic_write_text
-from esa.overlap import GRANULARITIES
+from esa.core.io import atomic_write_json, atomic_write_text
+from esa.results.overlap import GRANULARITIES
 
 __all__ = ["build_report", "REPORT_DIR"]
 
@@ -36,7 +36,7 @@ _JOB_DISPLAY = ["id", "phase", "model", "metric", "mode", "topk", "seed", "shard
 
 
 def _plain(obj: Any) -> Any:
-    """pandas' NA and numpy scalars as plain JSON values (esa.io.jsonable does the rest)."""
+    """pandas' NA and numpy scalars as plain JSON values (esa.core.io.jsonable does the rest)."""
     if isinstance(obj, dict):
         return {k: _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -154,7 +154,7 @@ def build_report(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str
                  ) -> Path:
     """Aggregate every job under ``run_dir`` and write the report; returns report.html's path.
 
-    ``out_dir`` defaults to RUN/report. Raises esa.errors.UserError when RUN is not a folder.
+    ``out_dir`` defaults to RUN/report. Raises esa.core.errors.UserError when RUN is not a folder.
     """
     t0 = time.perf_counter()
     jobs = collect_jobs(run_dir)

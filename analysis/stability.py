@@ -1,7 +1,7 @@
 """Stability of the top-k sets across seeds and across data shards.
 
 Seeds: complete full-data phase-2 jobs grouped by (model, metric, mode, topk); a group with
-at least two distinct seeds gets :func:`esa.overlap.stability_summary` at each granularity
+at least two distinct seeds gets :func:`esa.results.overlap.stability_summary` at each granularity
 (all pairs of seeds; Jaccard mean and population std over the pairs; mean Spearman and
 Kendall). When one seed was run twice, the first job by path counts.
 
@@ -18,8 +18,8 @@ import pandas as pd
 
 from analysis.collect import complete_jobs
 from analysis.lists import is_full_data, load_ranked, shard_of
-from analysis.readers import ResultFileError
-from esa.overlap import GRANULARITIES, RankedList, stability_summary
+from esa.results.records import ResultFileError
+from esa.results.overlap import GRANULARITIES, RankedList, stability_summary
 
 __all__ = ["StabilityGroup", "seed_stability", "shard_stability", "stability_table",
            "stability_pairs_table", "stability_json"]
@@ -144,6 +144,6 @@ def stability_json(seed_groups: list[StabilityGroup], shard_groups: list[Stabili
     def one(g: StabilityGroup) -> dict[str, Any]:
         return {"model": g.model, "metric": g.metric, "mode": g.mode, "topk": g.topk,
                 "seed": g.seed, "members": g.members, "by": g.by, "skipped": g.skipped}
-    return {"definitions": "esa.overlap.stability_summary over all pairs; jaccard_std is the "
+    return {"definitions": "esa.results.overlap.stability_summary over all pairs; jaccard_std is the "
                            "population std (ddof=0)",
             "seeds": [one(g) for g in seed_groups], "shards": [one(g) for g in shard_groups]}

@@ -25,7 +25,9 @@ import pandas as pd
 
 from analysis.collect import complete_jobs
 from analysis.lists import is_full_data
-from analysis.readers import ResultFileError, read_json_file, read_score_tensor, read_topk_group
+from esa.core.io import read_json
+from esa.results.records import ResultFileError
+from esa.results.scorefile import read_scores, read_topk
 
 __all__ = ["GRADIENT_METRIC", "rank_in_tensor", "super_weight_table"]
 
@@ -59,7 +61,7 @@ class _GradientView:
             if mode in self.lookup:
                 continue
             try:
-                t = read_topk_group(Path(job["dir"]) / "scores.h5")
+                t = read_topk(Path(job["dir"]) / "scores.h5")
             except ResultFileError:
                 continue
             self.lookup[mode] = {(p, ix): (int(r), float(s))
@@ -80,10 +82,10 @@ class _GradientView:
         if out["grad_rank_in_tensor"] is None:
             for d in self.full_dirs:
                 try:
-                    tensor = read_score_tensor(Path(d) / "scores.h5", param)
-                except ResultFileError:
+                    tensor = read_scores(Path(d) / "scores.h5", [param])[param]
+                except ResultFileError:  # unreadable, or no full scores of this parameter
                     continue
-                found = rank_in_tensor(tensor, index) if tensor is not None else None
+                found = rank_in_tensor(tensor, index)
                 if found is not None:
                     out["grad_rank_in_tensor"], out["grad_score"] = found
                     notes.append("in-tensor rank from the full scores")
@@ -107,7 +109,7 @@ def super_weight_table(jobs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for _, job in sw_jobs.sort_values("path").iterrows():
         try:
-            cands = read_json_file(Path(job["dir"]) / "super_weights.json")
+            cands = read_json(Path(job["dir"]) / "super_weights.json")
         except ResultFileError:
             continue
         model = str(job["model"])

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis import build_report  # noqa: E402
-from analysis.synthetic import fabricate_run, manifest, write_failed_job  # noqa: E402
+from fixtures.synthetic import fabricate_run, manifest, write_failed_job  # noqa: E402
 
 
 def main() -> int:

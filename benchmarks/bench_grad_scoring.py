@@ -43,8 +43,8 @@ def _child(args: argparse.Namespace) -> dict:
     import transformers
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    from esa.metrics import MetricOptions, get_metric
-    from esa.metrics.loss import next_token_nll
+    from esa.profile.metrics import MetricOptions, get_metric
+    from esa.profile.metrics.loss import next_token_nll
 
     transformers.utils.logging.set_verbosity_error()
     if args.threads:

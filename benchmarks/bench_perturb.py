@@ -35,11 +35,11 @@ def main() -> None:
     import transformers
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    from esa.controls import random_k
-    from esa.evaluate import evaluate
-    from esa.logs import setup_logging
-    from esa.perturbations import apply_perturbation, cpu_generator, get_perturbation
-    from esa.targets import WeightTarget, flat_to_index
+    from esa.perturb.controls import random_k
+    from esa.baseline.evaluate import evaluate
+    from esa.core.logs import setup_logging
+    from esa.perturb.perturbations import apply_perturbation, cpu_generator, get_perturbation
+    from esa.perturb.targets import WeightTarget, flat_to_index
 
     setup_logging(quiet=True)
     transformers.utils.logging.set_verbosity_error()

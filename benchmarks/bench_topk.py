@@ -66,8 +66,8 @@ def concat_topk(scores: dict[str, torch.Tensor], k: int) -> list[tuple[str, int,
 
 
 def streaming_topk(scores: dict[str, torch.Tensor], k: int) -> list[tuple[str, int, float]]:
-    """ESA's method (esa.ranking.rank_scores, mode='global')."""
-    from esa.ranking import rank_scores
+    """ESA's method (esa.profile.ranking.rank_scores, mode='global')."""
+    from esa.profile.ranking import rank_scores
 
     top = rank_scores(scores, k, "global")
     return list(zip(top.param, top.flat_index.tolist(), top.score.tolist()))

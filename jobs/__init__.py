@@ -1,4 +1,4 @@
-"""The job layer: plans -> manifests (plans.py), run-folder paths (paths.py), submission and status.
+"""The job layer: plans placed into run folders, executors, submission, status and the demo.
 
 `jobs` builds and schedules manifests; it never computes a score (that is `esa`'s job).
 """

@@ -11,51 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from esa.errors import UserError
-
-
-def runs_root() -> Path:
-    """$ESA_RUNS or ./runs: where run folders live."""
-    return Path(os.environ.get("ESA_RUNS") or "runs")
+from esa.core.errors import UserError
+from esa.results.layout import RunLayout
 
 
 def default_plan(phase: int, tiny: bool) -> Path:
     """manifests/phaseN.toml, or manifests/tiny/phaseN.toml with --tiny."""
     return Path("manifests") / ("tiny" if tiny else "") / f"phase{phase}.toml"
-
-
-def resolve_run(run: str | None) -> Path:
-    """RUN as given; else the only (or the most recently submitted) run under the runs root."""
-    if run:
-        path = Path(run)
-        if not path.is_dir() and (runs_root() / run).is_dir():
-            path = runs_root() / run
-        if not path.is_dir():
-            raise UserError(f"run folder '{run}' does not exist")
-        return path
-    root = runs_root()
-    candidates = [p for p in root.glob("*") if (p / "manifests").is_dir()] if root.is_dir() else []
-    if not candidates:
-        raise UserError(f"no run folders under {root}/ yet: submit a plan first (make submit PHASE=N)")
-
-    def last_activity(p: Path) -> float:
-        subs = list((p / "submissions").glob("*.json"))
-        return max([s.stat().st_mtime for s in subs] or [(p / "manifests").stat().st_mtime])
-
-    chosen = max(candidates, key=last_activity)
-    if len(candidates) > 1:
-        print(f"(RUN not given: showing the most recent run, {chosen}; others: "
-              f"{', '.join(str(c) for c in candidates if c != chosen)})", file=sys.stderr)
-    return chosen
-
-
-def _truthy(value: str | None) -> bool:
-    return str(value or "").strip().lower() not in ("", "0", "no", "false", "off")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,15 +89,26 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     return 1 if record.get("failed") else 0
 
 
+def _run(run: str | None) -> RunLayout:
+    """RUN as given, else the most recently active run (saying so when there are several)."""
+    layout = RunLayout.find(run)
+    if not run:
+        others = [p for p in layout.root.parent.glob("*") if (p / "manifests").is_dir() and p != layout.root]
+        if others:
+            print(f"(RUN not given: showing the most recent run, {layout.root}; others: "
+                  f"{', '.join(map(str, others))})", file=sys.stderr)
+    return layout
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from jobs.status import collect, format_table, rows_as_json
 
-    run = resolve_run(args.run)
-    rows = collect(run, use_sacct=not args.no_sacct)
+    layout = _run(args.run)
+    rows = collect(layout, use_sacct=not args.no_sacct)
     if args.json:
         print(json.dumps(rows_as_json(rows), indent=2))
     else:
-        print(f"run {run}")
+        print(f"run {layout.root}")
         print(format_table(rows))
     return 0
 
@@ -139,7 +116,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_resubmit(args: argparse.Namespace) -> int:
     from jobs.submit import resubmit
 
-    records = resubmit(resolve_run(args.run), _options(args))
+    records = resubmit(_run(args.run).root, _options(args))
     return 1 if any(r.get("failed") for r in records) else 0
 
 

@@ -26,7 +26,7 @@ ARCHS = ("llama", "mistral", "phi3", "mixtral", "gpt_neox", "gpt2")
 @pytest.fixture(scope="session")
 def tiny_model_factory(tmp_path_factory):
     """make(arch, seed=0, train_steps=None) -> path of a small saved model (built once per args)."""
-    from esa.tiny import TinySize, write_tiny_model
+    from esa.model.tiny import TinySize, write_tiny_model
 
     built: dict[tuple, Path] = {}
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from esa import __version__
 from esa.cli.options import HelpFormatter
-from esa.errors import UserError
+from esa.core.errors import UserError
 
 # Each module defines add_parser(subparsers); the order here is the order in `esa --help`.
 _COMMAND_MODULES = ("tiny_model", "baseline", "profile", "perturb", "reduce", "overlap", "analyze", "run", "validate", "demo")
@@ -45,10 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, run, and turn user errors into one line on stderr and exit code 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from esa.logs import setup_logging
+    from esa.core.logs import setup_logging
 
     setup_logging(getattr(args, "log_level", "INFO"), getattr(args, "quiet", False))
-    from esa.checkpoint import EXIT_PREEMPTED, Preempted
+    from esa.core.stop import EXIT_PREEMPTED, Preempted
 
     try:
         return int(args.func(args) or 0)

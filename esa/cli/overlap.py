@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write the report and print the headline figures."""
-    from esa.overlap import write_overlap_report
+    from esa.results.overlap import write_overlap_report
 
     report = write_overlap_report(args.lists, args.by, args.out)
     if not args.quiet:

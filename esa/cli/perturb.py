@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from esa.cli.options import HELP_FORMATTER, add_data_flags, add_logging_flags, add_model_flags, positive_int
-from esa.cli.perturb_options import add_perturbation_flags, phase3_manifest
+from esa.cli.options import (HELP_FORMATTER, add_data_flags, add_logging_flags, add_model_flags, build_manifest,
+                             default_out_dir, given, positive_int)
+from esa.cli.perturb_options import add_perturbation_flags, perturbation_sections, phase3_data
+from esa.spec.manifest import MODES, Manifest
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -16,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Phase 3: perturb the target weights in place, evaluate, restore them "
                        "bit-exactly, and compare with matched controls. Writes OUT/perturbation.json.")
     add_model_flags(p)
-    add_data_flags(p)
+    add_data_flags(p, phase=3)
     add_perturbation_flags(p, required=True)
     t = p.add_argument_group("targets")
     t.add_argument("--target", action="append", default=None, metavar="PARAM:I,J",
@@ -25,9 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="CSV with the columns of top_weights.csv, or param,index")
     t.add_argument("--from-scores", default=None, metavar="SCORES_H5", help="take the top-k of this ranking")
     t.add_argument("--topk", type=positive_int, default=None, help="with --from-scores: how many (default: all ranked)")
-    t.add_argument("--mode", default=None, choices=["per_layer", "global"],
-                   help="with --from-scores: the ranking mode it must hold")
-    p.add_argument("--seed", type=int, default=0, help="seed of random perturbations and control draws")
+    t.add_argument("--mode", default=None, choices=MODES, help="with --from-scores: the ranking mode it must hold")
+    p.add_argument("--seed", type=int, default=None, help="seed of random perturbations and control draws")
     p.add_argument("--out-dir", default=None, help="output folder (default: outputs/<model name>/perturb_<name>)")
     p.add_argument("--save-plots", action="store_true", help="draw the target ΔPPL against the controls")
     p.add_argument("--experiment", default=None, help="experiment name recorded in the manifest")
@@ -35,19 +36,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Build the phase-3 manifest and run it."""
-    from esa.errors import UserError
-    from esa.runner import run as run_manifest
+def manifest_of(args: argparse.Namespace) -> Manifest:
+    """The phase-3 manifest these flags describe."""
+    from esa.core.errors import UserError
 
     if not (args.target or args.target_list or args.from_scores):
         raise UserError("no targets: give --target PARAM:I,J, --target-list CSV or --from-scores scores.h5")
-    from esa.cli.options import default_out_dir
-
+    targets = given(weights=args.target, list=args.target_list, from_scores=args.from_scores, topk=args.topk,
+                    mode=args.mode)
     out_dir = args.out_dir or default_out_dir(args, f"perturb_{args.perturb}")
-    manifest = phase3_manifest(args, seed=args.seed, out_dir=out_dir, targets=args.target,
-                               target_list=args.target_list, from_scores=args.from_scores)
-    summary = run_manifest(manifest)
+    sections = perturbation_sections(args)
+    return build_manifest(3, args, out_dir, data=phase3_data(args), targets=targets, **sections,
+                          outputs={"save_plots": bool(args.save_plots)})
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the phase-3 manifest and run it."""
+    from esa.runner import run as run_manifest
+
+    summary = run_manifest(manifest_of(args))
     if not args.quiet:
         print(json.dumps({k: summary[k] for k in ("baseline_ppl", "perturbed_ppl", "delta_ppl", "delta_nll",
                                                   "controls")}, indent=2, default=str))

@@ -1,18 +1,21 @@
-"""Perturbation flags shared by `esa perturb` and `esa profile --perturb`, and the phase-3 manifest."""
+"""Perturbation flags shared by `esa perturb` and `esa profile --perturb`, and the sections they give."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from esa.cli.options import data_section, model_section, positive_int
+from esa.cli.options import default, given, positive_int
+from esa.spec.manifest import ControlsSpec
+from esa.spec.names import CONTROLS, PERTURBATIONS
 
 
 def add_perturbation_flags(p: argparse.ArgumentParser, required: bool = False) -> None:
     """--perturb/--perturbation and its parameters, --controls, --control-repeats, --baseline-eval."""
     g = p.add_argument_group("perturbation (phase 3)")
     g.add_argument("--perturb", "--perturbation", dest="perturb", required=required, default=None, metavar="NAME",
-                   help="zero, sign_flip, scale, gauss_noise (alias gaussian, noise), bit_flip (alias bitflip)")
+                   help=", ".join(e.name + (f" (alias {', '.join(e.aliases)})" if e.aliases else "")
+                                  for e in PERTURBATIONS))
     g.add_argument("--perturb-scale", type=float, default=None,
                    help="s of sign_flip (w->-s*w, default 1) and scale (w->s*w, default 1.2); sigma of gauss_noise")
     g.add_argument("--scale", type=float, default=None, help="same as --perturb-scale for scale/sign_flip")
@@ -25,9 +28,9 @@ def add_perturbation_flags(p: argparse.ArgumentParser, required: bool = False) -
     g.add_argument("--perturb-prob", type=float, default=None,
                    help="bit_flip: fraction of the targets hit (default 1)")
     g.add_argument("--controls", default="", metavar="LIST",
-                   help="comma-separated controls: random_k, bottom_k, magnitude_matched")
+                   help=f"comma-separated controls: {', '.join(CONTROLS.names())}")
     g.add_argument("--control-repeats", type=positive_int, default=None,
-                   help="draws of each random control (default 20; bottom_k is drawn once)")
+                   help="draws of each random control; bottom_k is drawn once" + default(ControlsSpec, "repeats"))
     g.add_argument("--baseline-eval", default=None, metavar="EVAL_JSON",
                    help="reuse this phase-1 eval.json when it matches the model and data")
     g.add_argument("--perturb-seq-len", type=positive_int, default=None,
@@ -41,39 +44,22 @@ def wants_perturbation(args: argparse.Namespace) -> bool:
     return bool(getattr(args, "perturb", None))
 
 
-def perturbation_section(args: argparse.Namespace) -> dict[str, Any]:
-    """The manifest's perturbation section; validated (unknown names fail here)."""
-    from esa.perturbations import perturbation_from_options
+def perturbation_sections(args: argparse.Namespace) -> dict[str, Any]:
+    """The phase-3 sections these flags give (perturbation, controls, baseline); checked at once."""
+    from esa.spec.params import params_from_options
 
-    pert = perturbation_from_options(args.perturb, perturb_scale=args.perturb_scale, scale=args.scale,
-                                     noise_sigma=args.noise_sigma, noise_mode=args.noise_mode,
-                                     bits=args.bits, bit_index=args.bit_index, prob=args.perturb_prob)
-    return pert.describe()
-
-
-def controls_section(args: argparse.Namespace) -> dict[str, Any]:
-    """The manifest's controls section."""
-    from esa.controls import parse_control_names
-
-    names = parse_control_names(args.controls) if args.controls else []
-    return {"names": names, "repeats": args.control_repeats or 20}
+    params = params_from_options(args.perturb, perturb_scale=args.perturb_scale, scale=args.scale,
+                                 noise_sigma=args.noise_sigma, noise_mode=args.noise_mode, bits=args.bits,
+                                 bit_index=args.bit_index, prob=args.perturb_prob)
+    return {"perturbation": {"name": params.kind, "params": params.to_dict()},
+            "controls": given(names=CONTROLS.parse_list(args.controls) if args.controls else None,
+                              repeats=args.control_repeats),
+            "baseline": given(eval_json=args.baseline_eval)}
 
 
-def phase3_manifest(args: argparse.Namespace, *, seed: int, out_dir: str, targets: list[str] | None = None,
-                    target_list: str | None = None, from_scores: str | None = None) -> dict[str, Any]:
-    """The phase-3 manifest of these flags (targets explicit, from a CSV, or the top-k of scores.h5)."""
-    from esa.manifest import SCHEMA_VERSION
+def phase3_data(args: argparse.Namespace) -> dict[str, Any]:
+    """The evaluation data of phase 3: the data flags, with --perturb-seq-len / --perturb-max-samples."""
+    from esa.cli.options import data_section
 
-    data = data_section(args)
-    if getattr(args, "perturb_seq_len", None):
-        data["seq_len"] = args.perturb_seq_len
-    if getattr(args, "perturb_max_samples", None):
-        data["max_samples"] = args.perturb_max_samples
-    return {"schema_version": SCHEMA_VERSION, "phase": 3, "experiment": args.experiment or "adhoc",
-            "model": model_section(args), "data": data, "seed": seed,
-            "perturbation": perturbation_section(args),
-            "targets": {"weights": targets or [], "list": target_list, "from_scores": from_scores,
-                        "topk": getattr(args, "topk", None), "mode": getattr(args, "mode", None)},
-            "controls": controls_section(args),
-            "baseline": {"eval_json": args.baseline_eval},
-            "outputs": {"dir": out_dir, "save_plots": bool(getattr(args, "save_plots", False))}}
+    return {**data_section(args), **given(seq_len=getattr(args, "perturb_seq_len", None),
+                                          max_samples=getattr(args, "perturb_max_samples", None))}

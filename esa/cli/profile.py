@@ -2,6 +2,8 @@
 
 The runbook's flags work as written: `--metric activation_magnitude`, `--seeds 0,1,2
 --stability-check`, `--perturb sign_flip --perturb-scale 1.0 --controls random_k,bottom_k`.
+Several seeds (and the phase-3 jobs after them) are an in-memory plan that the job layer's
+in-process executor runs, one job after another, like any other plan.
 """
 
 from __future__ import annotations
@@ -9,11 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
 
-from esa.cli.options import (HELP_FORMATTER, add_data_flags, add_logging_flags, add_model_flags,
-                             data_section, model_section, positive_int)
-from esa.cli.perturb_options import add_perturbation_flags, wants_perturbation
+from esa.cli.options import (HELP_FORMATTER, add_data_flags, add_logging_flags, add_model_flags, build_manifest,
+                             data_section, default, given, positive_int)
+from esa.cli.perturb_options import add_perturbation_flags, perturbation_sections, phase3_data, wants_perturbation
+from esa.spec.manifest import MODES, MetricSpec, Outputs, RankingSpec
+from esa.spec.names import METRICS
 
 
 def seed_list(text: str) -> list[int]:
@@ -27,12 +30,6 @@ def seed_list(text: str) -> list[int]:
     return seeds
 
 
-# The registry's names, spelled out so that building the parser (esa --help, esa analyze) does
-# not import torch; tests/test_cli.py checks this list against esa.metrics.metric_names().
-METRIC_CHOICES = ("act_mag", "grad_squared", "grad_x_weight", "hessian_diag", "hutchinson_diag", "magnitude",
-                  "super_weight", "activation_magnitude")
-
-
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the subcommand."""
     p = sub.add_parser("profile", help="phase 2: score and rank every weight (scores.h5)",
@@ -41,27 +38,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "globally, and write OUT/scores.h5 (+ exports). With --perturb, phase 3 follows "
                        "on the top-k weights of each seed.")
     add_model_flags(p)
-    add_data_flags(p, batch_size=1)
+    add_data_flags(p, phase=2)
     g = p.add_argument_group("metric and ranking")
     g.add_argument("--metric", required=True, metavar="NAME",
-                   help=f"one of {', '.join(METRIC_CHOICES)}")
-    g.add_argument("--mode", default="per_layer", choices=["per_layer", "global"],
-                   help="per_layer: top-k within each tensor; global: top-k over all tensors")
-    g.add_argument("--topk", type=positive_int, default=100, help="k of the top-k (and bottom-k) lists")
+                   help=f"one of {', '.join(METRICS.names(with_aliases=True))}")
+    g.add_argument("--mode", default=None, choices=MODES, help="per_layer: top-k within each tensor; global: "
+                   "top-k over all tensors" + default(RankingSpec, "mode"))
+    g.add_argument("--topk", type=positive_int, default=None,
+                   help="k of the top-k (and bottom-k) lists" + default(RankingSpec, "topk"))
     g.add_argument("--include", action="append", default=None, metavar="PATTERN",
                    help="score/rank only parameters whose name matches (glob, or substring); repeatable")
     g.add_argument("--exclude", action="append", default=None, metavar="PATTERN",
                    help="skip parameters whose name matches; repeatable")
-    g.add_argument("--probes", type=positive_int, default=1, help="hutchinson_diag: Rademacher probes per batch")
+    g.add_argument("--probes", type=positive_int, default=None,
+                   help="hutchinson_diag: Rademacher probes per batch" + default(MetricSpec, "probes"))
     g.add_argument("--candidates", action="append", default=None, metavar="PARAM:I,J",
                    help="hessian_diag: score only these weights; repeatable")
-    g.add_argument("--max-exact-coords", type=positive_int, default=4096,
-                   help="hessian_diag: refuse more exact coordinates than this")
+    g.add_argument("--max-exact-coords", type=positive_int, default=None,
+                   help="hessian_diag: refuse more exact coordinates than this" + default(MetricSpec, "max_exact_coords"))
     g.add_argument("--pool-size", type=positive_int, default=None,
-                   help="the seed draws --max-samples calibration windows from the first N (default: all)")
+                   help="the seed draws --max-samples calibration windows from the first N (default: all); "
+                        "seeds then share the pool, not the windows")
     g.add_argument("--shard", default=None, metavar="I/N",
                    help="score only slice I of N of the calibration windows (sum them with esa reduce)")
-    g.add_argument("--seed", type=int, default=0, help="seed (calibration windows, probes)")
+    g.add_argument("--seed", type=int, default=None, help="seed (calibration windows, probes) (default: 0)")
     g.add_argument("--seeds", type=seed_list, default=None, metavar="S1,S2,...",
                    help="run once per seed into OUT/seed_<s>/ (overrides --seed)")
     g.add_argument("--stability-check", action="store_true",
@@ -69,76 +69,78 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     o = p.add_argument_group("outputs")
     o.add_argument("--out-dir", default=None,
                    help="output folder (default: outputs/<model name>/<metric>_<mode>_k<topk>)")
-    o.add_argument("--save-scores", default="full", choices=["full", "topk"],
-                   help="full: every score tensor in scores.h5; topk: only the ranked lists (huge models)")
-    o.add_argument("--score-dtype", default="float32", choices=["float32", "float16"], help="dtype of stored scores")
+    o.add_argument("--save-scores", default=None, choices=["full", "topk"],
+                   help="full: every score tensor in scores.h5; topk: only the ranked lists (huge models)"
+                   + default(Outputs, "save_scores"))
+    o.add_argument("--score-dtype", default=None, choices=["float32", "float16"],
+                   help="dtype of stored scores" + default(Outputs, "score_dtype"))
     o.add_argument("--compression", default=None, choices=["lzf", "gzip"], help="HDF5 compression (off: fastest)")
-    o.add_argument("--export-topk-csv", action="store_true", help="write OUT/top_weights.csv")
-    o.add_argument("--export-stats", action="store_true", help="write per-tensor sensitivity_stats.{csv,json}")
-    o.add_argument("--save-plots", action="store_true", help="write PNG plots into OUT/plots/")
+    o.add_argument("--export-topk-csv", action=argparse.BooleanOptionalAction, default=None,
+                   help="write OUT/top_weights.csv" + default(Outputs, "export_topk_csv"))
+    o.add_argument("--export-stats", action=argparse.BooleanOptionalAction, default=None,
+                   help="write per-tensor sensitivity_stats.{csv,json}" + default(Outputs, "export_stats"))
+    o.add_argument("--save-plots", action="store_true", default=None, help="write PNG plots into OUT/plots/")
     o.add_argument("--experiment", default=None, help="experiment name recorded in the manifest")
     add_perturbation_flags(p)
     add_logging_flags(p)
     p.set_defaults(func=run)
 
 
-def build_manifest(args: argparse.Namespace, seed: int, out_dir: str) -> dict[str, Any]:
+def manifest_of(args: argparse.Namespace, seed: int, out_dir: str):  # type: ignore[no-untyped-def]
     """The phase-2 manifest these flags describe for one seed."""
-    from esa.manifest import SCHEMA_VERSION
+    args = argparse.Namespace(**{**vars(args), "seed": seed})
+    return build_manifest(
+        2, args, out_dir, data={**data_section(args), **given(pool_size=args.pool_size)},
+        metric={"name": args.metric, **given(probes=args.probes, include=args.include, exclude=args.exclude,
+                                             candidates=args.candidates, max_exact_coords=args.max_exact_coords)},
+        ranking=given(mode=args.mode, topk=args.topk), **given(shard=args.shard),
+        outputs=given(save_scores=args.save_scores, score_dtype=args.score_dtype, compression=args.compression,
+                      export_topk_csv=args.export_topk_csv, export_stats=args.export_stats,
+                      save_plots=args.save_plots))
 
-    data = {**data_section(args), "pool_size": args.pool_size}
-    return {"schema_version": SCHEMA_VERSION, "phase": 2, "experiment": args.experiment or "adhoc",
-            "model": model_section(args), "data": data, "seed": seed,
-            "metric": {"name": args.metric, "probes": args.probes, "include": args.include or [],
-                       "exclude": args.exclude or [], "candidates": args.candidates or [],
-                       "max_exact_coords": args.max_exact_coords},
-            "ranking": {"mode": args.mode, "topk": args.topk},
-            "shard": args.shard or "0/1",
-            "outputs": {"dir": out_dir, "save_scores": args.save_scores, "score_dtype": args.score_dtype,
-                        "compression": args.compression, "export_topk_csv": args.export_topk_csv,
-                        "export_stats": args.export_stats, "save_plots": args.save_plots}}
+
+def phase3_manifest_of(args: argparse.Namespace, profile, out_dir: str):  # type: ignore[no-untyped-def]
+    """The phase-3 manifest on the top-k of a phase-2 manifest's scores.h5."""
+    p3 = argparse.Namespace(**{**vars(args), "seed": profile.seed})
+    targets = {"from_scores": str(Path(profile.outputs.dir) / "scores.h5"), "topk": profile.ranking.topk,
+               "mode": profile.ranking.mode}
+    return build_manifest(3, p3, out_dir, data=phase3_data(args), targets=targets, **perturbation_sections(args),
+                          outputs={"save_plots": bool(args.save_plots)})
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run phase 2 for each seed, then the stability summary and phase 3 when asked for."""
-    from esa.calibration import parse_shard
-    from esa.errors import UserError
-    from esa.metrics import get_metric
-    from esa.runner import run as run_manifest
+    """Run phase 2 for each seed (and phase 3 after each when asked), then the stability summary."""
+    from esa.cli.options import default_out_dir
+    from esa.core.errors import UserError
+    from esa.spec.plan import Job
+    from jobs.executors import run_in_process
 
-    from esa.checkpoint import install_stop_signals
-
-    install_stop_signals()  # the cluster's USR1/USR2 warning -> checkpoint at the next batch
-    get_metric(args.metric)  # an unknown metric fails before any work
-    parse_shard(args.shard)
-    if wants_perturbation(args):  # and so do a bad perturbation or control, before hours of profiling
-        from esa.cli.perturb_options import controls_section, perturbation_section
-
-        perturbation_section(args)
-        controls_section(args)
-    seeds = args.seeds or [args.seed]
+    seeds = args.seeds or [args.seed if args.seed is not None else 0]
     if args.stability_check and len(seeds) < 2:
         raise UserError("--stability-check needs at least two --seeds (e.g. --seeds 0,1,2)")
-    from esa.cli.options import default_out_dir
-
-    out = Path(args.out_dir or default_out_dir(args, f"{args.metric}_{args.mode}_k{args.topk}"))
-    folders: dict[int, Path] = {}
-    for seed in seeds:
-        folder = out if len(seeds) == 1 else out / f"seed_{seed}"
-        summary = run_manifest(build_manifest(args, seed, str(folder)))
-        folders[seed] = folder
-        if not args.quiet:
-            print(f"seed {seed}: {summary['files']['scores']}")
+    first = manifest_of(args, seeds[0], ".")  # every flag is checked before any work
+    if wants_perturbation(args):  # and so are a bad perturbation or control, before hours of profiling
+        perturbation_sections(args)
+    out = Path(args.out_dir or default_out_dir(args, f"{first.metric.name}_{first.ranking.mode}_k{first.ranking.topk}"))
+    folders = {seed: out if len(seeds) == 1 else out / f"seed_{seed}" for seed in seeds}
+    jobs: list[Job] = []
+    for seed, folder in folders.items():
+        profile = manifest_of(args, seed, str(folder)).with_id()
+        jobs.append(Job(profile, {"seed": seed, "metric": profile.metric.name}))
         if wants_perturbation(args):
-            from esa.cli.perturb_options import phase3_manifest
-
-            p3 = phase3_manifest(args, seed=seed, out_dir=str(folder / "perturb"),
-                                 from_scores=str(folder / "scores.h5"))
-            result = run_manifest(p3)
-            if not args.quiet:
-                print(f"seed {seed}: ΔPPL {result['delta_ppl']:+.4g} -> {folder / 'perturb' / 'perturbation.json'}")
+            perturb = phase3_manifest_of(args, profile, str(folder / "perturb")).with_id()
+            jobs.append(Job(perturb, {"seed": seed, "perturbation": perturb.perturbation.name}, needs=(profile.id,)))
+    outcomes = run_in_process(jobs, folder=out / ".submitit", echo=False)
+    for outcome in outcomes:
+        if outcome.exception is not None:
+            raise outcome.exception  # the CLI turns it into one line (and exit 2, or 75 when pre-empted)
+        if not args.quiet:
+            m = outcome.job.manifest
+            where = Path(m.outputs.dir)
+            print(f"seed {m.seed}: " + (f"ΔPPL {json.loads((where / 'perturbation.json').read_text())['delta_ppl']:+.4g} "
+                                        f"-> {where / 'perturbation.json'}" if m.PHASE == 3 else f"{where / 'scores.h5'}"))
     if args.stability_check:
-        from esa.stability import write_seed_stability
+        from esa.results.stability import write_seed_stability
 
         summary = write_seed_stability(folders, out / "stability_summary.json")
         if not args.quiet:

@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Reduce and print where the scores are."""
-    from esa.reduce import reduce_shards
+    from esa.profile.reduce import reduce_shards
 
     summary = reduce_shards(args.shards, args.out_dir)
     if not args.quiet:

@@ -19,13 +19,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the manifest and print its summary."""
-    from esa.checkpoint import install_stop_signals
-    from esa.runner import run_file
+    """Run the manifest as a job (EsaTask: stop signals, checkpoint, requeue) and print its summary."""
+    from jobs.task import EsaTask
 
-    install_stop_signals()  # the cluster's USR1/USR2 warning -> checkpoint at the next batch
-
-    summary = run_file(args.manifest)
+    result = EsaTask(args.manifest)()
     if not args.quiet:
-        print(json.dumps(summary, indent=2, default=str))
+        print(json.dumps(result["summary"], indent=2, default=str))
     return 0

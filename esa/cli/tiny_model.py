@@ -32,8 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build and save the model."""
-    from esa.errors import UserError
-    from esa.tiny import ARCHS, TinySize, write_tiny_model
+    from esa.core.errors import UserError
+    from esa.model.tiny import ARCHS, TinySize, write_tiny_model
 
     if args.arch not in ARCHS:
         raise UserError(f"unknown architecture '{args.arch}'; choose one of {', '.join(ARCHS)}")

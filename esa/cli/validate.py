@@ -1,4 +1,4 @@
-"""`esa validate FILE...`: check manifests (JSON) and plans (TOML) against manifests/schema/."""
+"""`esa validate FILE...`: check manifests (JSON) and plans (TOML) against the schemas."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _plan_errors(path: Path) -> list[str]:
     """Schema errors of a TOML plan (its expansion is checked by `make submit DRY_RUN=1`)."""
     import tomllib
 
-    from esa.schema import schema_errors
+    from esa.spec.schema import schema_errors
 
     try:
         return schema_errors(tomllib.loads(path.read_text()), "plan")
@@ -41,7 +41,8 @@ def _plan_errors(path: Path) -> list[str]:
 
 def file_errors(path: Path, run_dir: str | None = None) -> list[str]:
     """The errors of one manifest (or .toml plan) file ([] when valid)."""
-    from esa.schema import run_dir_of, validate_manifest
+    from esa.results.layout import RunLayout
+    from esa.spec.schema import validate_manifest
 
     if not path.is_file():
         return ["cannot read: no such file"]
@@ -51,7 +52,8 @@ def file_errors(path: Path, run_dir: str | None = None) -> list[str]:
         doc = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
         return [f"not valid JSON: {exc}"]
-    errors = validate_manifest(doc, Path(run_dir) if run_dir else run_dir_of(path))
+    layout = RunLayout.of_manifest_file(path)
+    errors = validate_manifest(doc, Path(run_dir) if run_dir else (layout.root if layout else None))
     if not errors and _ID_NAME.match(path.stem) and isinstance(doc, dict) and doc.get("id") not in (None, path.stem):
         errors.append(f"$.id: '{doc['id']}' differs from the file name {path.name}")
     return errors

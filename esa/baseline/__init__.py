@@ -1,0 +1,2 @@
+"""Phase 1: perplexity, NLL and token accuracy of the unmodified model.
+"""

@@ -1,0 +1,81 @@
+"""Perplexity, mean NLL and token accuracy over fixed-length windows.
+
+PPL = exp(mean NLL over every predicted token); token accuracy is the argmax hit rate over the
+same tokens. Per-window NLL is kept so that a perturbed run can be compared with the baseline
+window by window (paired bootstrap).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from esa.core.errors import NonFiniteLossError
+from esa.core.logs import get_logger, progress
+from esa.results.records import EvalFigures
+
+log = get_logger("evaluate")
+
+SUSPICIOUS_PPL = 1.5
+
+
+def window_sums(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-window sum of next-token NLL and count of argmax hits, computed in fp32."""
+    pred = logits[:, :-1].float()
+    target = ids[:, 1:]
+    nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="none")
+    hits = (pred.argmax(dim=-1) == target).sum(dim=1)
+    return nll.view(target.shape).sum(dim=1), hits
+
+
+@torch.no_grad()
+def evaluate(model: Any, windows: torch.Tensor, batch_size: int = 4, desc: str = "eval") -> EvalFigures:
+    """Evaluate `model` on LongTensor windows [N, T]; NaN/Inf loss raises NonFiniteLossError."""
+    device = next(model.parameters()).device
+    n, seq_len = windows.shape
+    nll_sums = torch.empty(n, dtype=torch.float64)
+    hit_counts = torch.empty(n, dtype=torch.float64)
+    for start in progress(range(0, n, batch_size), total=math.ceil(n / batch_size), desc=desc):
+        batch = windows[start:start + batch_size].to(device)
+        logits = model(input_ids=batch).logits
+        sums, hits = window_sums(logits, batch)
+        nll_sums[start:start + len(batch)] = sums.double().cpu()
+        hit_counts[start:start + len(batch)] = hits.double().cpu()
+    predicted = seq_len - 1
+    if not torch.isfinite(nll_sums).all():
+        bad = int((~torch.isfinite(nll_sums)).sum())
+        raise NonFiniteLossError(f"the loss is NaN/Inf on {bad} of {n} windows: the model's "
+                                 "outputs are not finite (broken weights, or fp16 overflow: try --dtype bf16/fp32)")
+    n_tokens = n * predicted
+    mean_nll = float(nll_sums.sum() / n_tokens)
+    result = EvalFigures(nll=mean_nll, ppl=math.exp(mean_nll),
+                        token_accuracy=float(hit_counts.sum() / n_tokens), n_tokens=n_tokens,
+                        n_windows=n, per_window_nll=(nll_sums / predicted).tolist(),
+                        per_window_accuracy=(hit_counts / predicted).tolist())
+    result.flags = sanity_flags(result, windows)
+    for flag in result.flags:
+        log.warning("suspicious result: %s", flag)
+    return result
+
+
+def sanity_flags(result: EvalFigures, windows: torch.Tensor | None = None) -> list[str]:
+    """Reasons to distrust a result (a PPL near 1 means broken data, not a great model)."""
+    flags = []
+    if result.ppl < SUSPICIOUS_PPL:
+        flags.append(f"ppl {result.ppl:.3f} < {SUSPICIOUS_PPL}: almost certainly a data bug "
+                     "(padding counted, repeated windows or text the model memorised)")
+    if windows is not None and len(windows) > 1:
+        rows = np.ascontiguousarray(windows.cpu().numpy())
+        unique = len({r.tobytes() for r in rows})
+        if unique < len(rows):
+            flags.append(f"{len(rows) - unique} of {len(rows)} windows are exact repeats")
+        # One token filling most of the data is what a padded dataset looks like.
+        values, counts = np.unique(rows, return_counts=True)
+        top = counts.max() / rows.size
+        if top > 0.5:
+            flags.append(f"token id {int(values[counts.argmax()])} makes up {top:.0%} of the data (padding?)")
+    return flags

@@ -1,0 +1,143 @@
+"""Phase 2: score every weight with one metric, rank, and write scores.h5 plus exports."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from esa.core import stop
+from esa.core.errors import UserError
+from esa.core.logs import get_logger, progress
+from esa.data.calibration import batches, select_windows, shard_batches, shard_slice
+from esa.data.windows import load_windows
+from esa.inputs import resolve_seq_len, seed_everything
+from esa.model.loading import load_model
+from esa.profile import checkpoint
+from esa.profile.finish import finish_scores
+from esa.profile.metrics import MetricOptions, get_metric
+from esa.results.records import ProfileRecord, write_record
+from esa.spec.manifest import ProfileManifest, parse_shard
+
+log = get_logger("profile")
+
+
+def _metric_options(manifest: ProfileManifest, shard: tuple[int, int]) -> MetricOptions:
+    # Probes are seeded per global calibration batch (seed, batch index), so shards and resumed
+    # jobs draw what the unsharded run draws.
+    spec = manifest.metric
+    return MetricOptions(probes=spec.probes, include=list(spec.include) or None, exclude=list(spec.exclude) or None,
+                         seed=manifest.seed, max_exact_coords=spec.max_exact_coords,
+                         candidates=list(spec.candidates) or None,
+                         generator=torch.Generator().manual_seed(manifest.seed), keep_accumulators=shard[1] > 1)
+
+
+def _use_eager_attention(model: Any) -> None:
+    """Second-order metrics need double backward, which fused SDPA/flash kernels lack."""
+    current = getattr(model.config, "_attn_implementation", None)
+    if current != "eager":
+        log.info("switching attention from %s to eager (double backward needs it)", current)
+        model.set_attn_implementation("eager")
+
+
+class _ResumableFeed:
+    """Calibration batches that start where a checkpoint left off and stop on request.
+
+    The stop check happens between batches, so a checkpoint always holds whole batches.
+    """
+
+    def __init__(self, calib: torch.Tensor, batch_size: int, device: torch.device, out: Path,
+                 manifest_id: str, metric: Any, options: MetricOptions) -> None:
+        self.calib, self.batch_size, self.device = calib, batch_size, device
+        self.total = math.ceil(len(calib) / batch_size)
+        self.start = 0
+        self.stopped = False
+        self.stop_after = stop.stop_after_batches()
+        saved = checkpoint.load(out, manifest_id) if metric.resumable else None
+        if saved is not None:
+            self.start = int(saved["batches_done"])
+            options.batch_offset += self.start  # the probes of the remaining batches stay the same
+            options.initial_accumulators = saved["accumulators"]
+            options.initial_counts = saved["counts"]
+            if saved["generator_state"] is not None and options.generator is not None:
+                options.generator.set_state(saved["generator_state"])
+            log.info("resuming from the checkpoint after batch %d of %d", self.start, self.total)
+        self.done = self.start
+        self.resumable = metric.resumable
+
+    def __len__(self) -> int:
+        return self.total - self.start
+
+    def __iter__(self) -> Any:
+        for batch in batches(self.calib, self.batch_size, self.device, self.start):
+            asked = stop.stop_requested() or (
+                self.stop_after is not None and self.done - self.start >= self.stop_after)
+            # At least one batch per attempt: a stop that came while the model was loading
+            # then still makes progress, and the metric always has a batch to return sums for.
+            if asked and self.resumable and self.done > self.start:
+                self.stopped = True
+                return
+            yield batch
+            self.done += 1
+
+
+def run_profile(manifest: ProfileManifest, out: Path) -> dict[str, Any]:
+    """Score, rank and write scores.h5 + exports into `out`."""
+    assert manifest.id is not None
+    seed = manifest.seed
+    seed_everything(seed)
+    metric = get_metric(manifest.metric.name)
+    shard = parse_shard(manifest.shard)
+    batch_size = manifest.data.batch_size
+    assert batch_size is not None
+    loaded = load_model(manifest.model)
+    if metric.needs_eager_attention:
+        _use_eager_attention(loaded.model)
+    spec = resolve_seq_len(manifest.data, loaded.model)
+    options = _metric_options(manifest, shard)
+    t0 = time.perf_counter()
+    n_windows = 0
+    feed = None
+    if metric.needs_data:
+        windows = load_windows(replace(spec, max_samples=None), loaded.tokenizer)
+        chosen = select_windows(len(windows.ids), spec.max_samples, spec.pool_size, seed)
+        options.batch_offset = shard_batches(len(chosen), *shard, batch_size)[0]
+        chosen = shard_slice(chosen, *shard, batch_size=batch_size)
+        calib = windows.ids[chosen]
+        n_windows = len(calib)
+        if n_windows == 0:
+            raise UserError(f"shard {shard[0]}/{shard[1]} has no calibration windows")
+        log.info("%s on %d calibration windows of %d tokens (seed %d, shard %d/%d)", metric.name,
+                 n_windows, spec.seq_len, seed, *shard)
+        feed = _ResumableFeed(calib, batch_size, loaded.device, out, manifest.id, metric, options)
+        data_iter = progress(feed, total=feed.total - feed.start, desc=metric.name)
+    else:
+        data_iter = iter(())
+    if metric.resumable:
+        options.finalize = False  # the runner finalises (in place) or checkpoints the sums
+    result = metric.score(loaded.model, data_iter, options)
+    if feed is not None and feed.stopped:
+        path = checkpoint.save(out, manifest.id, result.accumulators, result.counts, feed.done,
+                               options.generator.get_state() if options.generator is not None else None)
+        raise stop.Preempted(f"stopped after {feed.done} of {feed.total} batches; "
+                             f"checkpoint in {path}; run the same manifest again to resume")
+    if metric.resumable:
+        result.extras.update(metric.summarize(result.accumulators, result.counts))
+        keep = options.keep_accumulators
+        result.scores = metric.finalize(result.accumulators, result.counts, loaded.model, inplace=not keep)
+        if not keep:
+            result.accumulators = {}
+    seconds = time.perf_counter() - t0
+    extra = {"shard": f"{shard[0]}/{shard[1]}", "n_windows": n_windows, "seed": seed}
+    summary = finish_scores(out, manifest, loaded.model, result, loaded.dtype, extra)
+    metric_info = {k: v for k, v in result.extras.items() if k != "super_weights"}
+    write_record(out, ProfileRecord(**{**summary, "unscored": result.unscored}, seconds=seconds,
+                                    n_windows=n_windows, seq_len=spec.seq_len, seed=seed, shard=list(shard),
+                                    metric_extras=metric_info))
+    checkpoint.remove(out)
+    log.info("%s done in %.1f s; scores in %s", metric.name, seconds, summary["files"]["scores"])
+    return {**summary, "seconds": seconds}

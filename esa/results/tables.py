@@ -1,0 +1,172 @@
+"""The tables a ranking job produces, as plain columns: ranked lists and per-tensor statistics.
+
+:class:`TopK` is a ranked list (top-k or bottom-k) of individual weights; :class:`TensorStats`
+summarises one score tensor (definitions in esa.profile.stats, which computes them). Both are
+what scores.h5 stores and what exports and the analysis read. Torch-free.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+
+from esa.spec.weights import format_weight, layer_of, module_type_of
+
+__all__ = ["TopK", "TensorStats", "STAT_FIELDS", "stats_columns", "stats_from_columns"]
+
+
+@dataclass
+class TopK:
+    """A ranked list of weights as parallel columns (row i describes one weight).
+
+    rank is 1-based: within its tensor for ``per_layer``, over all tensors for ``global``.
+    value holds the weight's value when known and NaN otherwise.
+    """
+
+    param: list[str]
+    flat_index: np.ndarray  # int64
+    index: list[tuple[int, ...]]
+    score: np.ndarray  # float64
+    rank: np.ndarray  # int64, 1-based
+    value: np.ndarray  # float64, NaN until filled
+    mode: str = "global"
+    largest: bool = True
+    k: int = 0  # the k that was asked for (rows may be fewer when tensors are small)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.param = list(self.param)
+        self.index = [tuple(int(i) for i in ix) for ix in self.index]
+        self.flat_index = np.asarray(self.flat_index, dtype=np.int64).reshape(-1)
+        self.score = np.asarray(self.score, dtype=np.float64).reshape(-1)
+        self.rank = np.asarray(self.rank, dtype=np.int64).reshape(-1)
+        self.value = np.asarray(self.value, dtype=np.float64).reshape(-1)
+        n = len(self.param)
+        for name in ("flat_index", "index", "score", "rank", "value"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"TopK column {name!r} has {len(getattr(self, name))} rows, "
+                                 f"param has {n}")
+
+    def __len__(self) -> int:
+        return len(self.param)
+
+    @classmethod
+    def empty(cls, mode: str = "global", largest: bool = True, k: int = 0) -> TopK:
+        """A TopK with no rows."""
+        return cls([], np.zeros(0, np.int64), [], np.zeros(0), np.zeros(0, np.int64),
+                   np.zeros(0), mode=mode, largest=largest, k=k)
+
+    def names(self) -> list[str]:
+        """Weight names ``param:i,j`` in row order."""
+        return [format_weight(p, ix) for p, ix in zip(self.param, self.index)]
+
+    def to_records(self) -> list[dict[str, Any]]:
+        """One plain-Python dict per row (rank, param, index, flat_index, score, value)."""
+        return [
+            {
+                "rank": int(self.rank[i]),
+                "param": self.param[i],
+                "index": list(self.index[i]),
+                "flat_index": int(self.flat_index[i]),
+                "score": float(self.score[i]),
+                "value": float(self.value[i]),
+            }
+            for i in range(len(self))
+        ]
+
+    def items(self) -> list[tuple[str, tuple[int, ...], float]]:
+        """``(param, index, score)`` rows that can be ranked (NaN and -inf scores dropped)."""
+        return [(p, ix, float(s)) for p, ix, s in zip(self.param, self.index, self.score)
+                if not (math.isnan(s) or s == -math.inf)]
+
+    def counts_by_param(self) -> dict[str, int]:
+        """How many rows each parameter holds (used for matched random-k controls)."""
+        out: dict[str, int] = {}
+        for p in self.param:
+            out[p] = out.get(p, 0) + 1
+        return out
+
+
+
+@dataclass
+class TensorStats:
+    """Summary of one score tensor (see the module docstring for the definitions)."""
+
+    name: str
+    numel: int
+    mean: float
+    std: float
+    min: float
+    max: float
+    p99: float
+    p99_9: float
+    kurtosis: float
+    topk_k: int
+    topk_share: float
+    gini: float
+    sampled: bool
+
+    @property
+    def layer(self) -> int | None:
+        """Block index of the parameter, None outside the blocks."""
+        return layer_of(self.name)
+
+    @property
+    def module_type(self) -> str:
+        """Module kind of the parameter (q_proj, c_attn, embed_tokens, ...)."""
+        return module_type_of(self.name)
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain dict with layer and module_type added (NaN kept as float NaN)."""
+        d = asdict(self)
+        d["layer"] = self.layer
+        d["module_type"] = self.module_type
+        return d
+
+
+STAT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(TensorStats))
+
+
+def stats_columns(stats: list[TensorStats]) -> dict[str, np.ndarray | list[str]]:
+    """Column form of a stats list (``name`` as list[str], the rest as numpy arrays)."""
+    cols: dict[str, np.ndarray | list[str]] = {"name": [s.name for s in stats]}
+    for f in fields(TensorStats):
+        if f.name == "name":
+            continue
+        vals = [getattr(s, f.name) for s in stats]
+        if f.name in ("numel", "topk_k"):
+            cols[f.name] = np.asarray(vals, dtype=np.int64)
+        elif f.name == "sampled":
+            cols[f.name] = np.asarray(vals, dtype=bool)
+        else:
+            cols[f.name] = np.asarray(vals, dtype=np.float64)
+    return cols
+
+
+def stats_from_columns(cols: Mapping[str, object]) -> list[TensorStats]:
+    """Inverse of :func:`stats_columns`; columns missing from ``cols`` become NaN / 0."""
+    names = [str(n) for n in cols["name"]]  # type: ignore[union-attr]
+    out = []
+    for i, name in enumerate(names):
+        kw: dict[str, object] = {"name": name}
+        for f in fields(TensorStats):
+            if f.name == "name":
+                continue
+            col = cols.get(f.name)
+            if col is None:
+                kw[f.name] = 0 if f.name in ("numel", "topk_k") else (
+                    False if f.name == "sampled" else float("nan"))
+                continue
+            v = col[i]  # type: ignore[index]
+            if f.name in ("numel", "topk_k"):
+                kw[f.name] = int(v)
+            elif f.name == "sampled":
+                kw[f.name] = bool(v)
+            else:
+                kw[f.name] = float(v)
+        out.append(TensorStats(**kw))  # type: ignore[arg-type]
+    return out
