@@ -15,7 +15,7 @@ from esa.cli.options import HelpFormatter
 from esa.core.errors import UserError
 
 # Each module defines add_parser(subparsers); the order here is the order in `esa --help`.
-_COMMAND_MODULES = ("tiny_model", "baseline", "profile", "perturb", "reduce", "overlap", "analyze", "run", "validate", "demo")
+_COMMAND_MODULES = ("tiny_model", "baseline", "profile", "perturb", "reduce", "overlap", "analyze", "run", "validate", "demo", "plan_memory")
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

@@ -42,3 +42,9 @@ def test_validate_and_status(tmp_path):
 def test_analyze(tmp_path):
     torch_free(f"from fixtures.synthetic import example_run\nexample_run({str(tmp_path / 'run')!r})\n"
                f"from esa.cli import main\nassert main(['analyze', {str(tmp_path / 'run')!r}]) == 0", tmp_path)
+
+
+def test_plan_memory(tmp_path):
+    torch_free("from esa.cli import main\n"
+               "assert main(['plan-memory', '--model', 'llama-3.1-8b', '--metric', 'grad_x_weight', '--seq-len', "
+               "'2048', '--batch-size', '1', '--dtype', 'bf16', '--gpu-memory', '80G', '--json']) == 0", tmp_path)
