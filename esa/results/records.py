@@ -167,13 +167,15 @@ class PerturbationRecord(Record):
 
 @dataclass
 class JobRecord(Record):
-    """experiment_manifest.json: the manifest that ran, its provenance, and its status (written last)."""
+    """experiment_manifest.json: the manifest that ran, its provenance, its status and the checksums
+    of its result files (esa.results.checksums), all written last."""
 
     FILE: ClassVar[str] = "experiment_manifest.json"
     manifest: dict[str, Any]
     status: str
     provenance: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, Any] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:

@@ -4,7 +4,8 @@ Layout (format ``esa-scores``, version 1)::
 
     /                 attrs: format, format_version, metric, manifest_id, manifest_json,
                              model_name, model_revision, model_dtype, esa_version, save,
-                             score_dtype, complete (=True, written last)
+                             score_dtype, layout_json (every dataset's shape and dtype),
+                             complete (=True, written last)
     /scores/<param>   one dataset per scored parameter, exact parameter name, the
                       parameter's shape, float32 or float16, chunked (absent for save='topk')
     /topk/            param (UTF-8 strings), flat_index int64, index int64 [k, max_ndim]
@@ -26,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +37,7 @@ import numpy as np
 
 from esa import __version__
 from esa.core.errors import UserError
+from esa.core.io import make_temp_file
 from esa.results.records import ResultFileError
 from esa.results.tables import TensorStats, TopK, stats_columns, stats_from_columns
 
@@ -57,6 +58,7 @@ COMPRESSIONS = (None, "lzf", "gzip")
 # first dimension, so that no second full-size copy is made on the host.
 _SLICE_ELEMS = 1 << 22
 _STR = h5py.string_dtype("utf-8")
+LAYOUT_ATTR = "layout_json"
 
 
 # ----------------------------------------------------------------------------- writing
@@ -97,7 +99,7 @@ def write_score_file(
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = make_temp_file(path)  # the umask's mode, not mkstemp's 0600
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -119,6 +121,8 @@ def write_score_file(
                                     accumulators, counts or {}, compression)
             f.create_dataset("unscored", data=np.array(list(unscored), dtype=object),
                              dtype=_STR)
+            # The size/shape record: a reader checks every dataset against it without reading data.
+            f.attrs[LAYOUT_ATTR] = json.dumps(_layout(f), sort_keys=True)
             f.flush()
             # Last: only a file that got this far can ever be accepted by a reader.
             f.attrs["complete"] = True
@@ -128,6 +132,36 @@ def write_score_file(
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _layout(f: h5py.File) -> dict[str, list[Any]]:
+    """{dataset path: [shape, dtype]} of every dataset in the file."""
+    out: dict[str, list[Any]] = {}
+
+    def visit(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset):
+            out[name] = [list(obj.shape), str(obj.dtype)]
+
+    f.visititems(visit)
+    return out
+
+
+def _check_layout(sf: ScoreFile) -> None:
+    """Every dataset the size/shape record names exists with its recorded shape and dtype."""
+    text = _s(sf.h5.attrs.get(LAYOUT_ATTR, ""))
+    if not text:
+        return  # written before the record existed
+    recorded = json.loads(text)
+    found = _layout(sf.h5)
+    for name, (shape, dtype) in recorded.items():
+        if name not in found:
+            raise ResultFileError(f"{sf.path} lacks dataset {name} of its size/shape record")
+        if found[name] != [shape, dtype]:
+            raise ResultFileError(f"{sf.path}: dataset {name} is {found[name]}, its size/shape record says "
+                                  f"{[shape, dtype]}")
+    extra = sorted(set(found) - set(recorded))
+    if extra:
+        raise ResultFileError(f"{sf.path} holds dataset {extra[0]} that its size/shape record does not name")
 
 
 def _fsync(path: Path) -> None:
@@ -439,9 +473,11 @@ def check_score_file(path: str | os.PathLike) -> ScoreFileInfo:
         try:
             if "topk" not in sf.h5:
                 raise ResultFileError(f"{sf.path} has no topk/ group")
-            attrs = {k: v for k, v in sf.attrs().items() if k != "manifest_json"}
+            _check_layout(sf)
+            attrs = {k: v for k, v in sf.attrs().items() if k not in ("manifest_json", LAYOUT_ATTR)}
             manifest = sf.manifest()
-        except (OSError, KeyError, ValueError) as exc:  # damaged metadata inside a valid header
+        # damaged metadata inside a valid header (h5py raises RuntimeError for bad object headers)
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise ResultFileError(f"{sf.path} metadata is unreadable ({exc})") from None
         return ScoreFileInfo(attrs, manifest if isinstance(manifest, dict) else None,
                              "topk" in sf.h5, "bottomk" in sf.h5, "scores" in sf.h5)

@@ -2,10 +2,11 @@
 
 States (`STATES`):
 
-* ``done`` — experiment_manifest.json says complete, is not older than an error.json, and the
-  phase's result file verifies (eval.json / perturbation.json parse with their fields;
-  scores.h5 opens, is complete and holds its ranked lists). A folder holding only a reduced
-  scores.h5 (what `esa reduce` writes) is done too.
+* ``done`` — experiment_manifest.json says complete, is not older than an error.json, every
+  result file it lists has its recorded size and checksum (esa.results.checksums), and the
+  phase's result file verifies (eval.json / perturbation.json parse with their fields and no
+  NaN literals; scores.h5 opens, is complete, matches its size/shape record and holds its
+  ranked lists). A folder holding only a reduced scores.h5 (what `esa reduce` writes) is done too.
 * ``failed`` — the newest record is error.json (reason: its kind, e.g. exception, out_of_memory).
 * ``preempted`` — stopped with a checkpoint that the next run resumes from.
 * ``corrupt`` — says complete, but a result file is missing, truncated or malformed.
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from esa.results.checksums import verify_files
 from esa.results.records import (ErrorRecord, EvalRecord, JobRecord, PerturbationRecord, ResultFileError,
                                  read_record)
 
@@ -57,16 +59,28 @@ def _mtime(path: Path) -> float:
         return float("-inf")
 
 
+def _check_numbers(record: Any, names: tuple[str, ...], nullable: bool = False) -> None:
+    """The record's fields `names` are numbers (or, when `nullable`, null: esa writes non-finite as null)."""
+    for name in names:
+        value = getattr(record, name)
+        if value is None and nullable:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ResultFileError(f"{record.FILE}: {name} is {value!r}, not a number")
+
+
 def verify_results(folder: Path, phase: Any) -> None:
     """Check the phase's result file; ResultFileError with a one-line reason when it is broken."""
     if phase == 1:
-        read_record(EvalRecord, folder)
+        _check_numbers(read_record(EvalRecord, folder), ("ppl", "nll", "n_tokens", "n_windows"))
     elif phase == 2:
         from esa.results.scorefile import check_score_file
 
         check_score_file(folder / "scores.h5")
     elif phase == 3:
-        read_record(PerturbationRecord, folder)
+        record = read_record(PerturbationRecord, folder)
+        _check_numbers(record, ("delta_ppl", "delta_nll"), nullable=True)
+        _check_numbers(record, ("n_targets",))
     else:
         raise ResultFileError(f"unknown phase {phase!r}")
 
@@ -87,8 +101,11 @@ def _reduced(folder: Path) -> JobState:
     return JobState(DONE, manifest=info.manifest)
 
 
-def job_state(folder: str | Path, *, verify: bool = True) -> JobState:
-    """The state of the job whose outputs.dir is `folder` (see the module docstring)."""
+def job_state(folder: str | Path, *, verify: bool = True, deep: bool | None = None) -> JobState:
+    """The state of the job whose outputs.dir is `folder` (see the module docstring).
+
+    `deep` hashes every result file (default: ESA_VERIFY=full; otherwise large files whose
+    modification time is unchanged are checked by size, see esa.results.checksums)."""
     folder = Path(folder)
     if not folder.is_dir():
         return JobState(MISSING)
@@ -124,7 +141,10 @@ def job_state(folder: str | Path, *, verify: bool = True) -> JobState:
                         manifest, record)
     if verify:
         try:
+            # The specific reason first (truncated, not JSON, no complete flag), then the checksums
+            # that catch what still parses (a partial overwrite, an edited number).
             verify_results(folder, (manifest or {}).get("phase"))
+            verify_files(folder, record.files, deep)
         except ResultFileError as exc:
             return JobState(CORRUPT, "corrupt", str(exc), manifest, record)
     return JobState(DONE, manifest=manifest, record=record)
