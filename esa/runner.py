@@ -11,7 +11,9 @@ from esa.core import provenance
 from esa.core.errors import UserError
 from esa.core.io import read_json
 from esa.core.logs import add_file_log, get_logger
-from esa.core.stop import Preempted
+from esa.core.stop import Preempted, Terminated
+from esa.results.checksums import file_digests
+from esa.results.jobdir import prepare_job_dir
 from esa.results.records import ErrorRecord, JobRecord, write_record
 from esa.spec.manifest import Manifest
 from esa.spec.names import PHASES, phase_name
@@ -23,25 +25,32 @@ def run(manifest: Manifest | dict[str, Any]) -> dict[str, Any]:
     """Run one manifest; writes results plus experiment_manifest.json into outputs.dir.
 
     A dict is read as a manifest's JSON form (checked, defaults filled); the phase's runner
-    (named in esa.spec.names.PHASES) gets the typed manifest and the output folder."""
+    (named in esa.spec.names.PHASES) gets the typed manifest and the output folder. A folder that
+    already holds this job's complete, verified result is not run again (its recorded summary is
+    returned, with ``skipped``); see esa.results.jobdir for what else is checked and cleared first."""
     if not isinstance(manifest, Manifest):
         manifest = Manifest.from_dict(manifest)
     if manifest.id is None:
         manifest = manifest.with_id()
     out = Path(manifest.outputs.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    # A previous run's record must not vouch for this one: it is written again only on success.
-    (out / JobRecord.FILE).unlink(missing_ok=True)
+    finished = prepare_job_dir(out, manifest.id)
+    if finished is not None:
+        log.info("phase %s job %s: %s already holds its complete, verified result; not run again",
+                 manifest.PHASE, manifest.id, out)
+        return {**(finished.record.summary if finished.record else {}), "skipped": "already complete"}
     handler = add_file_log(out / "esa.log")
     started = provenance.now_iso()
     t0 = time.perf_counter()
     log.info("phase %s job %s -> %s", manifest.PHASE, manifest.id, out)
     try:
+        check_inputs(manifest)
         runner = PHASES.load(phase_name(manifest.PHASE))
         summary = runner(manifest, out)
+        # Written last: the record, its complete status and the checksums of every result file.
         record = JobRecord(manifest=manifest.to_dict(), status="complete", summary=summary,
                            provenance={**provenance.collect(started), "end_time": provenance.now_iso(),
-                                       "wall_seconds": time.perf_counter() - t0})
+                                       "wall_seconds": time.perf_counter() - t0},
+                           files=file_digests(out))
         write_record(out, record)
         (out / ErrorRecord.FILE).unlink(missing_ok=True)  # a rerun that succeeds clears the old failure
         return summary
@@ -53,11 +62,25 @@ def run(manifest: Manifest | dict[str, Any]) -> dict[str, Any]:
         handler.close()
 
 
+def check_inputs(manifest: Manifest) -> None:
+    """Everything that can be checked without the model, checked before it is loaded: the data
+    source, and for phase 3 the perturbation against the weights' dtype and the targets."""
+    from esa.data.windows import check_data_source
+
+    check_data_source(manifest.data)
+    if manifest.PHASE == 3:
+        from esa.perturb.phase import check_perturb_inputs
+
+        check_perturb_inputs(manifest)  # type: ignore[arg-type]
+
+
 def _error_kind(exc: BaseException) -> str:
     if isinstance(exc, Preempted):
         return "preempted"
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
+    if isinstance(exc, Terminated):
+        return "terminated"
     if isinstance(exc, UserError):
         return "user_error"
     if "out of memory" in str(exc).lower() or isinstance(exc, MemoryError):
@@ -83,7 +106,7 @@ def _write_error(out: Path, manifest: Manifest, started: str, exc: BaseException
 
 def run_file(path: str | Path) -> dict[str, Any]:
     """Run the manifest stored in a JSON file (inside a run folder: its outputs must stay inside it)."""
-    from esa.results.layout import RunLayout
+    from esa.results.layout import RunLayout, manifest_file_problem
     from esa.spec.schema import check_manifest
 
     path = Path(path)
@@ -94,6 +117,12 @@ def run_file(path: str | Path) -> dict[str, Any]:
     except UserError as exc:
         raise UserError(f"manifest file '{path}': {exc}") from None
     layout = RunLayout.of_manifest_file(path)
+    if layout is not None:
+        # Manifests in a run folder carry their content hash: an edited one (e.g. trust_remote_code
+        # switched on, its id deleted) is refused, not run.
+        problem = manifest_file_problem(doc, path)
+        if problem:
+            raise UserError(f"manifest file '{path}': {problem}")
     # Files are what plans and clusters run: they get the full schema (field-named errors, outputs
     # confined to the run folder) before any model work.
     manifest = check_manifest(doc, run_dir=None if layout is None else layout.root,

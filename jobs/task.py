@@ -2,9 +2,10 @@
 
 `EsaTask` is the one callable every executor runs (Slurm arrays, submitit's local executor, and
 in-process through its debug executor). It runs the manifest in the task's own Python process,
-so the scheduler's warning signal (USR1/USR2, TERM) reaches esa's stop flag: the phase-2 loop
+so the scheduler's warning signal (USR1/USR2) reaches esa's stop flag: the phase-2 loop
 finishes the batch in flight, saves a checkpoint and raises `Preempted`. Then the task asks its
-scheduler to run it again, where it resumes from the checkpoint:
+scheduler to run it again, where it resumes from the checkpoint (SIGTERM checkpoints the same
+way, but the task then just ends: see esa.core.stop):
 
 * Slurm: ``scontrol requeue`` of this array task (or, inside an image without the Slurm client,
   exit 75 and the batch script's teardown requeues it);
@@ -73,10 +74,11 @@ class EsaTask(submitit.helpers.Checkpointable):
         scheduler = _scheduler()
         if scheduler != "none":
             setup_logging("INFO")  # in process, the caller (the esa command) has set logging up
-        # The one place the cluster's warning signals are routed to esa. submitit bound USR2 to
+        # The one place the cluster's signals are routed to esa. submitit bound USR2 to
         # "checkpoint the callable and requeue now", which would kill the batch in flight and lose
-        # it; esa's handler only sets a flag that the phase-2 loop checks at the next batch
-        # boundary, where the accumulators are consistent.
+        # it, and TERM to "ignore" (so scancel / scontrol requeue lost everything since the last
+        # checkpoint when SIGKILL followed); esa's handlers set a flag that the phase-2 loop checks
+        # at the next batch boundary, where the accumulators are consistent.
         stop.install_stop_signals()
         stop.clear_stop()
         if scheduler != "none" and _resuming(target):
@@ -85,6 +87,12 @@ class EsaTask(submitit.helpers.Checkpointable):
         try:
             summary = run(target) if isinstance(target, Manifest) else run_file(target)
         except stop.Preempted:
+            if stop.terminated():
+                # SIGTERM: the checkpoint is saved; this attempt ends. `scontrol requeue` requeues the
+                # task by itself, a cancelled one stays cancelled until `make resubmit` resumes it.
+                print(f"[esa-jobs] terminated by SIGTERM: checkpoint saved; exit {stop.EXIT_TERMINATED}",
+                      file=sys.stderr, flush=True)
+                raise SystemExit(stop.EXIT_TERMINATED) from None
             if scheduler == "slurm":
                 self._requeue_on_slurm()
             if scheduler == "local":

@@ -89,3 +89,46 @@ def cluster():
         if os.environ.get("ESA_REQUIRE_SLURM") == "1":
             pytest.fail(f"ESA_REQUIRE_SLURM=1 but {problem}")
         pytest.skip(problem)
+
+
+@pytest.fixture
+def make_readonly(tmp_path):
+    """make(name, populate=None) -> a folder nobody may write to, filled by `populate(folder)` first:
+    chmod for a user; a read-only bind mount for root (skips where root cannot mount)."""
+    mounted: list[Path] = []
+    chmodded: list[Path] = []
+
+    def make(name: str = "ro", populate=None) -> Path:
+        folder = tmp_path / name
+        if os.geteuid() != 0:
+            folder.mkdir()
+            if populate:
+                populate(folder)
+            folder.chmod(0o555)
+            chmodded.append(folder)
+            return folder
+        src = tmp_path / f"{name}-src"
+        src.mkdir()
+        folder.mkdir()
+        if populate:
+            populate(src)
+        ok = subprocess.run(["mount", "--bind", str(src), str(folder)], capture_output=True).returncode == 0
+        ok = ok and subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)],
+                                   capture_output=True).returncode == 0
+        if not ok:
+            subprocess.run(["umount", str(folder)], capture_output=True)
+            pytest.skip("root cannot make a read-only folder here (no bind mounts)")
+        mounted.append(folder)
+        return folder
+
+    yield make
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], capture_output=True)
+    for folder in chmodded:
+        folder.chmod(0o755)
+
+
+@pytest.fixture
+def readonly_dir(make_readonly):
+    """An empty folder nobody may write to."""
+    return make_readonly()

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from esa import __version__
 from esa.cli.options import HelpFormatter
-from esa.core.errors import UserError
+from esa.core.errors import UserError, os_error_line
 
 # Each module defines add_parser(subparsers); the order here is the order in `esa --help`.
 _COMMAND_MODULES = ("tiny_model", "baseline", "profile", "perturb", "reduce", "overlap", "analyze", "run", "validate", "demo", "plan_memory")
@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from esa.core.logs import setup_logging
 
     setup_logging(getattr(args, "log_level", "INFO"), getattr(args, "quiet", False))
-    from esa.core.stop import EXIT_PREEMPTED, Preempted
+    from esa.core.stop import EXIT_PREEMPTED, EXIT_TERMINATED, Preempted, Terminated
 
     try:
         return int(args.func(args) or 0)
@@ -58,6 +58,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"esa {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"esa {args.command}: error: {os_error_line(exc)}", file=sys.stderr)
+        return 2
+    except Terminated as exc:
+        print(f"esa {args.command}: {exc}", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print(f"esa {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -15,3 +15,11 @@ class NonFiniteLossError(UserError):
 
 class ResultFileError(UserError):
     """A file that exists in name only: missing, truncated, unreadable or malformed."""
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for a file-system error (a read-only folder, a full disk, a path under a file)."""
+    what = exc.strerror or type(exc).__name__
+    if exc.filename is not None:
+        return f"{exc.filename}: {what}" + (f" (-> {exc.filename2})" if exc.filename2 is not None else "")
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else what

@@ -66,6 +66,14 @@ def _local_files(path: Path) -> list[Path]:
     return files
 
 
+def check_data_source(spec: DataSpec) -> None:
+    """Fail early (before any model is loaded) when a local dataset path is missing or unusable.
+
+    The built-in corpus always exists; hub datasets are checked when they are loaded."""
+    if spec.dataset != "builtin" and _is_local(spec.dataset):
+        _local_files(Path(spec.dataset))
+
+
 def _texts_from_table(table: Any, field: str, where: str) -> list[str]:
     columns = list(table.column_names)
     if field not in columns:

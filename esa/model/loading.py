@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         attn = {} if spec.attention == "auto" else {"attn_implementation": spec.attention}
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **attn, **kwargs)
+    except pickle.UnpicklingError as exc:
+        raise UserError(refused_pickle_line(spec.id, str(exc))) from None
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"could not load model '{spec.id}': {first}") from exc
@@ -144,6 +147,17 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     log.info("loaded %s (%s, %s, %s attention) on %s", spec.id, type(model).__name__,
              dtype_name(dtype), getattr(model.config, "_attn_implementation", "?"), device)
     return LoadedModel(model, tokenizer, device, dtype, source, spec)
+
+
+def refused_pickle_line(model_id: str, text: str) -> str:
+    """One line for a pickled checkpoint (pytorch_model.bin) that torch's weights-only loading refused."""
+    import re
+
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    what = f"an object ({found.group(1)})" if found else "objects"
+    return (f"model '{model_id}': its pickled checkpoint (pytorch_model.bin) holds {what} that weights-only "
+            "loading refuses, so nothing from it ran (safe); use a safetensors checkpoint, or convert this one "
+            "where you trust its source")
 
 
 def max_positions(model: Any) -> int | None:

@@ -54,6 +54,7 @@ def check_targets_early(manifest: PerturbManifest) -> None:
     """Validate target names and indices against the checkpoint's shapes before loading the model."""
     from esa.perturb.targets import check_targets_against_shapes, param_shapes_from_checkpoint
 
+    refs = resolve_target_refs(manifest.targets)  # reads the target list / ranking: they must exist
     model_dir = Path(manifest.model.id)
     if not model_dir.is_dir():
         return
@@ -61,10 +62,30 @@ def check_targets_early(manifest: PerturbManifest) -> None:
         shapes = param_shapes_from_checkpoint(model_dir)
     except UserError:
         return  # no safetensors header to read: the model itself will validate
-    refs = resolve_target_refs(manifest.targets)
     # Tied names (lm_head -> embedding) are only known once the model is built.
     if all(str(r[0] if isinstance(r, tuple) else r).split(":")[0] in shapes for r in refs):
         check_targets_against_shapes(shapes, refs)
+
+
+def check_bit_index(manifest: PerturbManifest) -> None:
+    """bit_flip's bit_index against the width of the dtype the weights will be loaded in."""
+    from esa.model.loading import resolve_device, resolve_dtype
+
+    index = getattr(manifest.perturbation.params, "bit_index", None)
+    if manifest.perturbation.name != "bit_flip" or index is None:
+        return
+    dtype = resolve_dtype(manifest.model.dtype, resolve_device(manifest.model.device))
+    nbits = torch.finfo(dtype).bits
+    if index >= nbits:
+        raise UserError(f"bit_index {index} out of range for {dtype} ({nbits} bits: 0..{nbits - 1})")
+
+
+def check_perturb_inputs(manifest: PerturbManifest) -> None:
+    """Everything phase 3 can check before loading the model: bit_index, targets, the baseline file."""
+    check_bit_index(manifest)
+    check_targets_early(manifest)
+    if manifest.baseline.eval_json and not Path(manifest.baseline.eval_json).is_file():
+        raise UserError(f"baseline eval.json '{manifest.baseline.eval_json}' does not exist")
 
 
 def _control_sets(name: str, model: Any, targets: list[WeightTarget], manifest: PerturbManifest

@@ -68,6 +68,8 @@ class _ResumableFeed:
             log.info("resuming from the checkpoint after batch %d of %d", self.start, self.total)
         self.done = self.start
         self.resumable = metric.resumable
+        if self.resumable:
+            stop.defer_termination()  # SIGTERM now checkpoints at the next batch instead of ending the job
 
     def __len__(self) -> int:
         return self.total - self.start

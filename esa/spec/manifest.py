@@ -343,7 +343,7 @@ class ProfileManifest(Manifest):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        i, n = (int(x) for x in self.shard.split("/"))
+        i, n = parse_shard(self.shard)  # one line for 'x', '3/2', '1/0'
         if not 0 <= i < n:
             raise UserError(f"$.shard: '{self.shard}' needs 0 <= i < n")
 

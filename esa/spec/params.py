@@ -95,13 +95,16 @@ class GaussNoiseParams(PerturbationParams):
         object.__setattr__(self, "sigma", sigma)
 
 
+MAX_BIT_INDEX = 31  # the widest weights esa loads are fp32
+
+
 @dataclass(frozen=True)
 class BitFlipParams(PerturbationParams):
     """Flip `bits` random bits per target, or the bit `bit_index`; hit a fraction `prob`."""
 
     bits: int = spec_field(1, "Distinct random bits flipped per target.", minimum=1)
-    bit_index: int | None = spec_field(None, "Flip this bit (0 = least significant); null: random bits.",
-                                       minimum=0)
+    bit_index: int | None = spec_field(None, "Flip this bit (0 = least significant; at most 31 for fp32 weights, "
+                                       "15 for bf16/fp16); null: random bits.", minimum=0, maximum=MAX_BIT_INDEX)
     prob: float = spec_field(1.0, "Fraction of the targets hit.", minimum=0, maximum=1)
     kind: ClassVar[str] = "bit_flip"
     doc: ClassVar[str] = ("bit_flip: flip bits of the stored bit pattern; bit_index fixes the bit, "
@@ -113,6 +116,9 @@ class BitFlipParams(PerturbationParams):
             raise UserError(f"bit_flip bits must be a positive integer, got {bits!r}")
         if index is not None and (isinstance(index, bool) or not isinstance(index, int) or index < 0):
             raise UserError(f"bit_flip bit_index must be a non-negative integer, got {index!r}")
+        if index is not None and index > MAX_BIT_INDEX:
+            raise UserError(f"bit_flip bit_index {index} is out of range: weights have at most 32 bits "
+                            f"(0..{MAX_BIT_INDEX} for fp32, 0..15 for bf16/fp16)")
         if index is not None and bits != 1:
             raise UserError("bit_flip takes either bits (random positions) or bit_index, not both")
         prob = _finite(self.prob, "bit_flip prob")

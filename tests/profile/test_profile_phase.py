@@ -21,10 +21,21 @@ def test_profile_checks_the_perturbation_before_profiling(tiny_llama, tmp_path):
         assert not (tmp_path / "p" / "scores.h5").exists()
 
 
-def test_a_failed_rerun_does_not_keep_the_old_complete_record(tiny_llama, tmp_path):
+def test_another_jobs_result_is_refused_and_a_failed_attempt_cleared(tiny_llama, tmp_path, capsys):
+    """Issue #12 item 5: a folder holding another job's complete result is refused (the result stays
+    done, no exports of two jobs side by side); what a failed attempt left is cleared by the next job."""
+    from esa.results.state import job_state
+
     out = tmp_path / "p"
     assert main(["profile", "--model", str(tiny_llama), "--metric", "magnitude", "--out-dir", str(out), *C]) == 0
-    assert (out / "experiment_manifest.json").exists()
+    record = (out / "experiment_manifest.json").read_bytes()
     assert main(["profile", "--model", str(tiny_llama), "--metric", "grad_x_weight", "--device", "cpu",
-                 "--seq-len", "32", "--max-samples", "999999", "--out-dir", str(out), "--quiet"]) == 2
-    assert not (out / "experiment_manifest.json").exists() and (out / "error.json").exists()
+                 "--seq-len", "32", "--max-samples", "8", "--out-dir", str(out), "--quiet"]) == 2
+    assert "holds the complete results of another job" in capsys.readouterr().err
+    assert (out / "experiment_manifest.json").read_bytes() == record and job_state(out).done
+    failed = tmp_path / "f"
+    assert main(["profile", "--model", str(tiny_llama), "--metric", "grad_x_weight", "--device", "cpu",
+                 "--seq-len", "32", "--max-samples", "999999", "--out-dir", str(failed), "--quiet"]) == 2
+    assert (failed / "error.json").exists() and not (failed / "experiment_manifest.json").exists()
+    assert main(["profile", "--model", str(tiny_llama), "--metric", "magnitude", "--out-dir", str(failed), *C]) == 0
+    assert job_state(failed).done and not (failed / "error.json").exists()
