@@ -15,7 +15,9 @@ Sampling never materialises a permutation of a large tensor: indices are drawn w
 replacement and rejected against the excluded set (targets and earlier draws), which costs
 O(k) memory; a full permutation is used only where the tensor is small compared with k.
 The magnitude pool is found by a chunked top-|W| scan, so no |W| copy of a whole tensor is
-made either. All draws come from a seeded CPU generator.
+made either. All draws come from a seeded CPU generator, tensor by tensor in the model's
+parameter order: a draw depends on the set of targets and the seed, never on the order the
+targets were listed in.
 """
 
 from __future__ import annotations
@@ -42,6 +44,12 @@ def counts_per_tensor(targets: Sequence[WeightTarget]) -> dict[str, int]:
     for t in targets:
         counts[t.param] = counts.get(t.param, 0) + 1
     return counts
+
+
+def _model_order(counts: dict[str, int], names: Iterable[str]) -> list[tuple[str, int]]:
+    """(tensor, count) in the model's parameter order (tensors the model lacks last, as listed)."""
+    known = [n for n in names if n in counts]
+    return [(n, counts[n]) for n in known] + [(n, c) for n, c in counts.items() if n not in set(known)]
 
 
 def _excluded(targets: Sequence[WeightTarget]) -> dict[str, set[int]]:
@@ -92,14 +100,14 @@ def random_k(named_params: Any, targets: Sequence[WeightTarget],
 
     For every tensor holding c targets, draw c distinct weights of that tensor uniformly
     among its non-target weights. ``named_params`` is a module, a name->tensor or a
-    name->shape mapping (only shapes are used). Output: tensors in order of first
-    appearance in ``targets``, ascending flat index within each. A tensor with fewer than c
+    name->shape mapping (only shapes are used). Output: tensors in the model's parameter
+    order, ascending flat index within each. A tensor with fewer than c
     non-target weights is an error, or with ``clip`` gives all it has (the set is smaller).
     """
     shapes = param_shapes(named_params)
     excluded = _excluded(targets)
     out: list[WeightTarget] = []
-    for param, count in counts_per_tensor(targets).items():
+    for param, count in _model_order(counts_per_tensor(targets), shapes):
         if param not in shapes:
             raise UserError(f"target tensor {param!r} is not among the model's parameters")
         shape = shapes[param]
@@ -189,7 +197,7 @@ def magnitude_matched(named_params: Any, targets: Sequence[WeightTarget],
         named_params, torch.nn.Module) else dict(named_params)
     excluded = _excluded(targets)
     out: list[WeightTarget] = []
-    for param, count in counts_per_tensor(targets).items():
+    for param, count in _model_order(counts_per_tensor(targets), params):
         if param not in params:
             raise UserError(f"target tensor {param!r} is not among the model's parameters")
         tensor = params[param]

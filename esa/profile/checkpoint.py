@@ -30,8 +30,11 @@ def save(out: Path, manifest_id: str, accumulators: dict[str, dict[str, Any]], c
     if generator_state is not None:
         tensors["__generator_state__"] = torch.as_tensor(generator_state).clone()
     save_file(tensors, str(tmp / "accumulators.safetensors"))
+    # safetensors stores tensors sorted by name: keep the order the sums had, so a resumed job
+    # hands them on exactly as an uninterrupted one.
+    order = {acc: list(per_param) for acc, per_param in accumulators.items()}
     (tmp / "state.json").write_text(json.dumps({"manifest_id": manifest_id, "batches_done": batches_done,
-                                                "counts": counts}))
+                                                "counts": counts, "order": order}))
     if folder.exists():
         import shutil
 
@@ -57,6 +60,9 @@ def load(out: Path, manifest_id: str) -> dict[str, Any] | None:
     for key, t in tensors.items():
         acc, param = key.split("\x1f", 1)
         accumulators.setdefault(acc, {})[param] = t
+    for acc, names in (state.get("order") or {}).items():
+        if acc in accumulators and set(names) == set(accumulators[acc]):
+            accumulators[acc] = {name: accumulators[acc][name] for name in names}
     return {"accumulators": accumulators, "counts": state["counts"], "batches_done": state["batches_done"],
             "generator_state": generator_state}
 

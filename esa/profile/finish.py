@@ -36,6 +36,12 @@ def score_attrs(manifest: ProfileManifest, loaded_dtype: torch.dtype) -> dict[st
             "mode": manifest.ranking.mode, "topk": manifest.ranking.topk}
 
 
+def in_model_order(tensors: dict[str, Any], weights: dict[str, Any]) -> dict[str, Any]:
+    """`tensors` re-keyed in the order of the model's parameters (names the model lacks last, by name)."""
+    position = {name: i for i, name in enumerate(weights)}
+    return dict(sorted(tensors.items(), key=lambda kv: (position.get(kv[0], len(position)), kv[0])))
+
+
 def _rank(scores: dict[str, torch.Tensor], partial: dict[str, list[int]] | None, manifest: ProfileManifest,
           largest: bool, weights: dict[str, Any]) -> TopK:
     """rank_scores, restricted to the computed coordinates when a metric scored only some."""
@@ -64,6 +70,10 @@ def finish_scores(out: Path, manifest: ProfileManifest, model: Any, result: Metr
     """Rank, compute stats, write scores.h5 and the exports the manifest asks for; returns a summary."""
     outputs = manifest.outputs
     weights = dict(model.named_parameters())
+    # Rows (top-k ties, stats, datasets) follow the model's parameter order, whatever order the
+    # sums arrived in (a resumed job reads them back from its checkpoint).
+    result.scores = in_model_order(result.scores, weights)
+    result.accumulators = {acc: in_model_order(t, weights) for acc, t in (result.accumulators or {}).items()}
     partial = result.extras.get("partial")  # hessian_diag --candidates: only these were computed
     topk = _rank(result.scores, partial, manifest, True, weights)
     bottomk = _rank(result.scores, partial, manifest, False, weights)
