@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -57,13 +59,62 @@ def add_file_log(path: str | Path) -> logging.Handler:
     return handler
 
 
-def progress(items: Iterable[T], total: int | None = None, desc: str = "") -> Iterator[T]:
-    """A tqdm progress bar on stderr, off with --quiet; sparse updates when not on a terminal."""
-    from tqdm.auto import tqdm
+PROGRESS_INTERVAL_ENV = "ESA_PROGRESS_INTERVAL"
+DEFAULT_PROGRESS_INTERVAL = 60.0  # seconds between progress lines in a batch log
 
-    interactive = sys.stderr.isatty()
-    yield from tqdm(items, total=total, desc=desc, disable=_quiet, leave=False, file=sys.stderr,
-                    mininterval=0.2 if interactive else 10.0, dynamic_ncols=True)
+
+def progress(items: Iterable[T], total: int | None = None, desc: str = "") -> Iterator[T]:
+    """Progress of a loop: a tqdm bar on a terminal; in a batch log (stderr not a terminal) plain
+    log lines with count, rate and ETA every ESA_PROGRESS_INTERVAL seconds (default 60) and at the
+    end, never carriage-return fragments. Off with --quiet."""
+    if _quiet:
+        yield from items
+        return
+    if sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        yield from tqdm(items, total=total, desc=desc, leave=False, file=sys.stderr, mininterval=0.2,
+                        dynamic_ncols=True)
+        return
+    yield from _logged_progress(items, total, desc, _progress_interval())
+
+
+def _progress_interval() -> float:
+    try:
+        return max(0.0, float(os.environ.get(PROGRESS_INTERVAL_ENV, DEFAULT_PROGRESS_INTERVAL)))
+    except ValueError:
+        return DEFAULT_PROGRESS_INTERVAL
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+def progress_line(desc: str, done: int, total: int | None, elapsed: float) -> str:
+    """``desc: 12/200 (6%), 1.52 it/s, elapsed 0:08, ETA 2:04`` (what a batch log shows)."""
+    rate = done / elapsed if elapsed > 0 else 0.0
+    count = f"{done}/{total} ({100 * done / total:.0f}%)" if total else f"{done}"
+    text = f"{desc or 'progress'}: {count}, {rate:.3g} it/s, elapsed {_duration(elapsed)}"
+    if total and rate > 0 and done < total:
+        text += f", ETA {_duration((total - done) / rate)}"
+    return text
+
+
+def _logged_progress(items: Iterable[T], total: int | None, desc: str, interval: float) -> Iterator[T]:
+    log = get_logger("progress")
+    start = last = time.monotonic()
+    done = 0
+    for item in items:
+        yield item
+        done += 1
+        now = time.monotonic()
+        if now - last >= interval and (total is None or done < total):
+            log.info(progress_line(desc, done, total, now - start))
+            last = now
+    if done:
+        log.info(progress_line(desc, done, total, time.monotonic() - start))
 
 
 def get_logger(name: str) -> logging.Logger:
