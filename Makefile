@@ -33,8 +33,8 @@ clean-venv:  ## remove the virtual environment
 # ---------------------------------------------------------------------------------------------
 # Cluster workflow (issue #5): plans -> Slurm arrays through submitit; see docs/cluster.md.
 #   make submit PHASE=2 [PLAN=manifests/phase2.toml | TINY=1] [EXECUTOR=slurm|local|debug]
-#               [DRY_RUN=1] [AFTER=<jobid>[,<jobid>]]
-#   make status [RUN=runs/<exp>]   make resubmit [RUN=...]   make analyze RUN=runs/<exp>
+#               [DRY_RUN=1] [AFTER=<jobid>[,<jobid>]] [TRUST_REMOTE_CODE=1]
+#   make status [RUN=runs/<exp>]   make resubmit [RUN=...]   make analyze RUN=runs/<exp> [STRICT=1]
 PHASE ?=
 TINY ?=
 PLAN ?= $(if $(PHASE),manifests/$(if $(filter-out 0,$(TINY)),tiny/,)phase$(PHASE).toml,)
@@ -42,8 +42,10 @@ EXECUTOR ?= slurm
 DRY_RUN ?=
 AFTER ?=
 RUN ?=
+TRUST_REMOTE_CODE ?=
+STRICT ?=
 IMAGE ?= esa.sif
-JOBS_FLAGS = --executor $(EXECUTOR) $(if $(filter-out 0,$(DRY_RUN)),--dry-run,)
+JOBS_FLAGS = --executor $(EXECUTOR) $(if $(filter-out 0,$(DRY_RUN)),--dry-run,) $(if $(filter-out 0,$(TRUST_REMOTE_CODE)),--trust-remote-code,)
 
 .PHONY: submit status resubmit analyze image slurm-up slurm-down test-slurm
 
@@ -57,9 +59,9 @@ status: $(STAMP)  ## one line per manifest: pending/running/done/failed + reason
 resubmit: $(STAMP)  ## submit again only the failed or missing manifests [RUN=runs/<exp>] [EXECUTOR=...]
 	$(VPY) -m jobs resubmit $(RUN) $(JOBS_FLAGS)
 
-analyze: $(STAMP)  ## aggregate finished jobs into report/ : make analyze RUN=runs/<exp>
+analyze: $(STAMP)  ## aggregate finished jobs into report/ : make analyze RUN=runs/<exp> [STRICT=1: fail unless all done]
 	@test -n "$(RUN)" || { echo "make analyze: say which run, e.g. make analyze RUN=runs/tiny" >&2; exit 2; }
-	$(VPY) -m analysis $(RUN)
+	$(VPY) -m analysis $(RUN) $(if $(filter-out 0,$(STRICT)),--strict,)
 
 image:  ## build the Apptainer image (IMAGE=esa.sif) from containers/esa.def (needs apptainer)
 	@command -v apptainer >/dev/null || { echo "make image: apptainer is not installed here; build on a machine that has it (see docs/cluster.md)" >&2; exit 2; }

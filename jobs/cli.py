@@ -1,10 +1,10 @@
 """`python -m jobs submit|status|resubmit`: what the Makefile's cluster targets call.
 
   python -m jobs submit --phase 2 [--plan P] [--tiny] [--executor slurm|local|debug] [--dry-run]
-                        [--after JOBID[,JOBID]] [--no-chain] [--no-analyze]
-  python -m jobs status [RUN] [--json] [--no-sacct]
-  python -m jobs resubmit [RUN] [--executor ...] [--dry-run]
-A UserError becomes one line on stderr and exit code 2.
+                        [--after JOBID[,JOBID]] [--no-chain] [--no-analyze] [--trust-remote-code]
+  python -m jobs status [RUN] [--json] [--no-sacct] [--deep]
+  python -m jobs resubmit [RUN] [--executor ...] [--dry-run] [--trust-remote-code]
+A UserError (or a file-system error) becomes one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from esa.core.errors import UserError
+from esa.core.errors import UserError, os_error_line
 from esa.results.layout import RunLayout
 
 
@@ -44,17 +44,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-map", action="append", default=[], metavar="PLAN_ID=ID",
                    help="use another model for a plan's model id, e.g. esa:tiny-llama=/path/to/model "
                    "(repeatable; tests use it to skip training the built-in tiny model)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow manifests with model.trust_remote_code (the model repository's own code runs)")
 
     p = sub.add_parser("status", help="one line per manifest: pending / running / done / failed (reason)")
     p.add_argument("run", nargs="?", help="run folder (default: the most recent under $ESA_RUNS or ./runs)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--no-sacct", action="store_true", help="result files only; do not ask Slurm")
+    p.add_argument("--deep", action="store_true", help="hash every result file against its checksum "
+                   "(default: large files whose modification time is unchanged are checked by size)")
 
     p = sub.add_parser("resubmit", help="submit again only the failed, pre-empted or missing manifests")
     p.add_argument("run", nargs="?", help="run folder (default: the most recent)")
     p.add_argument("--executor", default="slurm", choices=("slurm", "local", "debug"))
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--max-array-size", type=int)
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow manifests with model.trust_remote_code (the model repository's own code runs)")
     return parser
 
 
@@ -64,7 +70,8 @@ def _options(args: argparse.Namespace) -> "Options":  # noqa: F821 - imported la
     return Options(executor=args.executor, dry_run=args.dry_run,
                    after=[a for a in str(getattr(args, "after", "") or "").replace(":", ",").split(",") if a],
                    chain=not getattr(args, "no_chain", False), analyze=not getattr(args, "no_analyze", False),
-                   max_array_size=args.max_array_size, model_map=_model_map(getattr(args, "model_map", [])))
+                   max_array_size=args.max_array_size, model_map=_model_map(getattr(args, "model_map", [])),
+                   trust_remote_code=args.trust_remote_code)
 
 
 def _model_map(items: list[str]) -> dict[str, str]:
@@ -104,7 +111,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from jobs.status import collect, format_table, rows_as_json
 
     layout = _run(args.run)
-    rows = collect(layout, use_sacct=not args.no_sacct)
+    rows = collect(layout, use_sacct=not args.no_sacct, deep=True if args.deep else None)
     if args.json:
         print(json.dumps(rows_as_json(rows), indent=2))
     else:
@@ -128,6 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handlers[args.command](args)
     except UserError as exc:
         print(f"jobs {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a read-only run folder or ESA_RUNS, a full disk
+        print(f"jobs {args.command}: error: {os_error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"jobs {args.command}: interrupted", file=sys.stderr)

@@ -37,6 +37,7 @@ class Outcome:
     job: Job
     state: str  # done, failed, preempted, skipped
     message: str = ""
+    reason: str = ""  # why it failed: exception, killed (the process died without a result), ...
     seconds: float = 0.0
     attempts: int = 1
     log: str = ""
@@ -50,22 +51,31 @@ class Outcome:
     def to_record(self) -> dict[str, Any]:
         """The JSON entry of a submission record."""
         return {"manifest_id": self.job.id, "state": self.state, "ok": self.ok, "message": self.message,
-                "seconds": round(self.seconds, 2), "attempts": self.attempts, "log": self.log}
+                "reason": self.reason or ("" if self.ok else self.state), "seconds": round(self.seconds, 2),
+                "attempts": self.attempts, "log": self.log}
 
 
 Runner = Callable[[Job], Outcome]
+# Called before each job starts (with the job) and after it ended (with its outcome): the submission
+# record is kept up to date with them, so `make status` knows a local run's jobs even if the
+# submitting process is killed half way.
+Watcher = Callable[[Job, "Outcome | None"], None]
 
 
-def _serial(jobs: Sequence[Job], run_one: Runner, echo: bool) -> list[Outcome]:
+def _serial(jobs: Sequence[Job], run_one: Runner, echo: bool, watch: Watcher | None = None) -> list[Outcome]:
     """Run jobs in order; skip those whose needs failed; stop after a pre-emption."""
     outcomes: list[Outcome] = []
     failed: set[str] = set()
     for i, job in enumerate(jobs, 1):
         missing = [n for n in job.needs if n in failed]
         if missing:
-            outcome = Outcome(job, "skipped", f"needs {', '.join(missing)}, which did not finish")
+            outcome = Outcome(job, "skipped", f"needs {', '.join(missing)}, which did not finish", "skipped")
         else:
+            if watch is not None:
+                watch(job, None)
             outcome = run_one(job)
+        if watch is not None:
+            watch(job, outcome)
         outcomes.append(outcome)
         if not outcome.ok:
             failed.add(job.id)
@@ -82,7 +92,8 @@ def _label(job: Job) -> str:
     return " ".join(f"{k}={v}" for k, v in job.labels.items() if k not in ("params", "ranking", "controls"))
 
 
-def run_in_process(jobs: Sequence[Job], *, folder: Path, echo: bool = True) -> list[Outcome]:
+def run_in_process(jobs: Sequence[Job], *, folder: Path, echo: bool = True,
+                   watch: Watcher | None = None) -> list[Outcome]:
     """Run the jobs here, one after another, through submitit's debug executor."""
     import submitit
 
@@ -101,20 +112,20 @@ def run_in_process(jobs: Sequence[Job], *, folder: Path, echo: bool = True) -> l
             return Outcome(job, "done", seconds=seconds)
         state = "preempted" if isinstance(error, Preempted) else "failed"
         return Outcome(job, state, f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}",
-                       seconds, exception=error)
+                       "preempted" if state == "preempted" else "exception", seconds, exception=error)
 
-    return _serial(jobs, one, echo)
+    return _serial(jobs, one, echo, watch)
 
 
 def run_local(jobs: Sequence[Job], *, folder: Path, manifest_path: Callable[[Job], Path] | None = None,
               timeout_min: float = LOCAL_DEFAULT_TIMEOUT_MIN, signal_delay_s: int = LOCAL_SIGNAL_DELAY_S,
-              gpus: int = 0, echo: bool = True) -> list[Outcome]:
+              gpus: int = 0, echo: bool = True, watch: Watcher | None = None) -> list[Outcome]:
     """Run the jobs one after another, each in its own process, through submitit's local executor.
 
     `manifest_path(job)` names the job's manifest file when it has one (plans); otherwise the
     typed manifest itself is handed over."""
     import submitit
-    from submitit.core.utils import UncompletedJobError
+    from submitit.core.utils import FailedJobError, UncompletedJobError
 
     from jobs.task import MAX_REQUEUES, EsaTask
 
@@ -127,13 +138,16 @@ def run_local(jobs: Sequence[Job], *, folder: Path, manifest_path: Callable[[Job
         sub = executor.submit(EsaTask(), target)
         try:
             sub.result()
-            state, message = "done", ""
-        except UncompletedJobError as exc:  # FailedJobError too: the task raised, or was killed
-            state, message = "failed", _last_error_line(str(exc))
+            state, message, reason = "done", "", ""
+        except FailedJobError as exc:  # the task raised
+            state, message, reason = "failed", _last_error_line(str(exc)), "exception"
+        except UncompletedJobError as exc:  # no result at all: the process was killed (kill -9, OOM killer)
+            state, reason = "failed", "killed"
+            message = f"the job's process ended without a result (killed?); log {sub.paths.stderr}"
         log = sub.paths.stderr
-        return Outcome(job, state, message, time.perf_counter() - t0, _attempts(log, job.id), str(log))
+        return Outcome(job, state, message, reason, time.perf_counter() - t0, _attempts(log, job.id), str(log))
 
-    return _serial(jobs, one, echo)
+    return _serial(jobs, one, echo, watch)
 
 
 def _attempts(log: Path, job_id: str) -> int:

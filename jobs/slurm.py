@@ -71,17 +71,65 @@ def split_arrays(items: Sequence[Any], limit: int) -> list[list[Any]]:
     return [list(items[i:i + limit]) for i in range(0, len(items), limit)]
 
 
-def active_jobs(job_ids: Sequence[str]) -> list[str]:
-    """Those of `job_ids` (array ids) that squeue still lists (pending or running)."""
-    if not job_ids or shutil.which("squeue") is None:
-        return []
+def controller_problem(timeout: float = 15) -> str | None:
+    """None when the Slurm controller answers `scontrol ping`, else why not (one line)."""
+    if shutil.which("scontrol") is None:
+        return None  # nothing to ask; sbatch will say
     try:
-        r = subprocess.run(["squeue", "-h", "-o", "%F", "-j", ",".join(job_ids)], capture_output=True,
-                           text=True, timeout=30)
+        r = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"scontrol ping did not answer within {timeout:.0f} s"
+    except OSError as exc:
+        return f"scontrol ping failed ({exc.strerror})"
+    text = " ".join((r.stdout + " " + r.stderr).split())
+    if r.returncode != 0 or "DOWN" in text.upper().split():
+        return text or f"scontrol ping exited {r.returncode}"
+    return None
+
+
+def sbatch_error_line(text: str) -> str:
+    """The line of a failed sbatch's output that says why (submitit wraps it in a long message)."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    for line in lines:
+        if "error" in line.lower() and ("sbatch" in line.lower() or "slurm" in line.lower()):
+            return line
+    return lines[-1] if lines else "sbatch failed"
+
+
+def queue_states(job_ids: Sequence[str], timeout: float = 30) -> dict[str, tuple[str, str]] | None:
+    """{task id: (state, reason)} of the tasks of `job_ids` (array or job ids) that squeue lists now,
+    or None when squeue cannot be asked. One line per array task (squeue -r), so a running task
+    never inherits its array's pending reason."""
+    if shutil.which("squeue") is None:
+        return None
+    if not job_ids:
+        return {}
+    arrays = {j.split("_")[0] for j in job_ids}
+    try:
+        # All of the user's jobs, filtered here: squeue -j fails as a whole when one id was purged.
+        r = subprocess.run(["squeue", "-h", "-r", "-u", _user(), "-o", "%i|%T|%r"], capture_output=True,
+                           text=True, timeout=timeout)
     except (OSError, subprocess.SubprocessError):
-        return []
-    listed = set(r.stdout.split())
-    return [j for j in job_ids if j in listed]
+        return None
+    if r.returncode != 0:
+        return None
+    out: dict[str, tuple[str, str]] = {}
+    for line in r.stdout.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) < 3 or fields[0].split("_")[0] not in arrays:
+            continue
+        for one in _expand_array_id(fields[0]):
+            out[one] = (fields[1], fields[2] if fields[1] == "PENDING" else "")
+    return out
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
 
 
 def parse_time_minutes(value: Any) -> int:

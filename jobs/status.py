@@ -3,11 +3,13 @@
 A manifest's state comes from, in this order of trust:
 1. its result folder, read by esa.results.state.job_state (the same answer the analysis gets):
    done only when the record says complete and the result files verify;
-2. the scheduler, for the newest Slurm job that ran it (RUN/submissions/*.json + `sacct`):
+2. the scheduler, for the newest Slurm job that ran it (RUN/submissions/*.json; `squeue -r` for
+   the tasks queued or running now, with the current pending reason; `sacct` for the rest):
    PENDING / RUNNING / REQUEUED ... -> pending / running, whatever old files say;
 3. the result folder's failed / preempted / corrupt / incomplete state, with Slurm's final state
    (TIMEOUT, CANCELLED, OUT_OF_MEMORY, NODE_FAIL ...) as the reason when it killed the job;
-4. a local run's outcome in the newest submission record, when the folder says nothing;
+4. a local run's outcome in the newest submission record, when the folder says nothing (a run
+   still in flight is running while its submitting process lives, failed once it is gone);
 5. nothing at all -> missing (never submitted, or its job vanished).
 """
 
@@ -19,9 +21,9 @@ from typing import Any
 
 from esa.core.errors import UserError
 from esa.core.io import read_json
-from esa.results.layout import RunLayout
+from esa.results.layout import RunLayout, manifest_file_problem
 from esa.results.state import CORRUPT, DONE, FAILED, INCOMPLETE, MISSING, PREEMPTED, job_state
-from jobs.slurm import sacct_states
+from jobs.slurm import queue_states, sacct_states
 
 RUNNING, PENDING = "running", "pending"
 ACTIVE_SLURM = {"PENDING": PENDING, "CONFIGURING": PENDING, "REQUEUED": PENDING, "REQUEUE_HOLD": PENDING,
@@ -86,10 +88,60 @@ def submitted_jobs(layout: RunLayout) -> tuple[dict[str, str], dict[str, dict[st
     return slurm, local
 
 
-def classify(out_dir: Path, slurm: tuple[str, str, str] | None, local: dict[str, Any] | None = None
-             ) -> tuple[str, str, str]:
-    """(state, reason, message) of one manifest from its result folder and its scheduler's record."""
-    files = job_state(out_dir)
+def slurm_view(job_ids: list[str], use_sacct: bool = True) -> dict[str, tuple[str, str, str]] | None:
+    """{task id: (state, exit code, reason)}: sacct's answer, overridden by squeue for the tasks queued
+    or running now (sacct lags behind a fresh submission and keeps stale pending reasons).
+    None when Slurm is not asked or cannot answer."""
+    if not use_sacct or not job_ids:
+        return None
+    states = sacct_states(job_ids)
+    queue = queue_states(job_ids)
+    if states is None and queue is None:
+        return None
+    merged = dict(states or {})
+    for task, (state, reason) in (queue or {}).items():
+        merged[task] = (state, (merged.get(task) or ("", "", ""))[1], reason)
+    if queue is not None:
+        # Not in the queue any more: an active state sacct still reports is stale.
+        for task, (state, code, reason) in list(merged.items()):
+            if task not in queue and state in ACTIVE_SLURM and not _queued_array(task, queue):
+                merged[task] = ("UNKNOWN", code, "left the queue; sacct has not caught up")
+    return merged
+
+
+def _queued_array(task: str, queue: dict[str, Any]) -> bool:
+    return "_" not in task and any(t.split("_")[0] == task for t in queue)
+
+
+def _local_in_flight(local: dict[str, Any]) -> tuple[str, str, str] | None:
+    """A local run recorded as in flight: running while its submitting process lives, else failed."""
+    if local.get("state") != "running":
+        return None
+    pid, host = local.get("pid"), local.get("host")
+    import socket
+
+    if host == socket.gethostname() and isinstance(pid, int) and _alive(pid):
+        return RUNNING, "", f"local run (pid {pid})"
+    return FAILED, "killed", f"the submitting process (pid {pid} on {host}) ended before the job finished"
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def classify(out_dir: Path, slurm: tuple[str, str, str] | None, local: dict[str, Any] | None = None,
+             deep: bool | None = None) -> tuple[str, str, str]:
+    """(state, reason, message) of one manifest from its result folder and its scheduler's record
+    (`deep`: hash every result file, see esa.results.checksums)."""
+    files = job_state(out_dir, deep=deep)
     if files.done:
         return DONE, "", ""
     if slurm and slurm[0] in ACTIVE_SLURM:
@@ -97,7 +149,11 @@ def classify(out_dir: Path, slurm: tuple[str, str, str] | None, local: dict[str,
         reason = "requeued" if slurm[0].startswith("REQUEUE") else ""
         if state == PENDING and files.state == PREEMPTED:
             reason = "preempted, will resume"
-        return state, reason, slurm[2] if slurm[2] not in ("", "None") else ""
+        # Only a pending task has a reason to wait; a running one's reason column is stale.
+        return state, reason, slurm[2] if state == PENDING and slurm[2] not in ("", "None") else ""
+    in_flight = _local_in_flight(local or {})
+    if in_flight is not None and (in_flight[0] == RUNNING or files.state in (MISSING, INCOMPLETE)):
+        return in_flight
     killed = slurm[0] if slurm and slurm[0] in ("TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "NODE_FAIL") else None
     if files.state in (FAILED, PREEMPTED, CORRUPT):
         reason = files.reason
@@ -108,15 +164,15 @@ def classify(out_dir: Path, slurm: tuple[str, str, str] | None, local: dict[str,
         reason = FINAL_SLURM_REASON[slurm[0]]
         return (PREEMPTED if reason == "preempted" else FAILED), reason, f"slurm {slurm[0]} exit {slurm[1]}"
     if local and not local.get("ok", True):
-        return FAILED, str(local.get("state", "failed")), str(local.get("message", ""))
+        return FAILED, str(local.get("reason") or local.get("state") or "failed"), str(local.get("message", ""))
     return files.state, files.reason if files.state != MISSING else "", files.message
 
 
-def collect(run: RunLayout | str | Path, use_sacct: bool = True) -> list[Row]:
-    """One Row per manifest of the run."""
+def collect(run: RunLayout | str | Path, use_sacct: bool = True, deep: bool | None = None) -> list[Row]:
+    """One Row per manifest of the run (`use_sacct`: ask Slurm; `deep`: hash every result file)."""
     layout = run if isinstance(run, RunLayout) else RunLayout(Path(run))
     slurm_ids, local = submitted_jobs(layout)
-    states = sacct_states(list(slurm_ids.values())) if use_sacct else None
+    states = slurm_view(list(slurm_ids.values()), use_sacct)
     rows = []
     for path in layout.manifest_files():
         try:
@@ -126,11 +182,16 @@ def collect(run: RunLayout | str | Path, use_sacct: bool = True) -> list[Row]:
         if not isinstance(manifest, dict) or not isinstance(manifest.get("outputs"), dict):
             rows.append(Row(path.stem, None, "?", CORRUPT, "invalid_manifest", manifest=str(path)))
             continue
-        mid = str(manifest.get("id") or path.stem)
+        problem = manifest_file_problem(manifest, path)
+        if problem:
+            rows.append(Row(path.stem, manifest.get("phase"), label_of(manifest), CORRUPT, "invalid_manifest",
+                            message=problem, manifest=str(path)))
+            continue
+        mid = str(manifest["id"])
         out = Path(manifest["outputs"]["dir"])
         job = slurm_ids.get(mid, "")
         slurm = (states or {}).get(job) if job else None
-        state, reason, message = classify(out, slurm, local.get(mid))
+        state, reason, message = classify(out, slurm, local.get(mid), deep)
         rows.append(Row(mid, manifest.get("phase"), label_of(manifest), state, reason, job, message,
                         str(path), str(out)))
     return rows

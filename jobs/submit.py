@@ -2,18 +2,27 @@
 
 Executors (jobs.executors): ``slurm`` — one submitit array per chunk of at most MaxArraySize tasks
 (every array starts at index 0, because the cluster's limit is on the index), throttled by the
-plan's array_parallelism; phase 3 can wait for phase 2 (afterok) and the aggregation
-(`python -m analysis RUN`) for phase 3 (afterany); sharded phase-2 plans get a reduce job per shard
-group (afterok). ``local`` — submitit's local executor, one job after another. ``debug`` — in this
-process. Every submission is recorded in RUN/submissions/<UTC time>-phase<N>.json: job ids,
-manifest ids per array index, outcomes of local runs, time, git commit, executor; `make status`
-reads these records.
+plan's array_parallelism; each phase-3 task waits (afterok) only for the phase-2 job whose ranking
+it reads, when that job is still queued, and the aggregation (`python -m analysis RUN`) for phase 3
+(afterany); sharded phase-2 plans get a reduce job per shard group (afterok). ``local`` —
+submitit's local executor, one job after another. ``debug`` — in this process. Every submission
+is recorded in RUN/submissions/<UTC time>-phase<N>.json: job ids, manifest ids per array index,
+outcomes of local runs (kept up to date while they run), time, git commit, executor; `make
+status` reads these records.
+
+Never twice: one submission at a time holds the run folder's lock (RUN/.submit.lock), and a
+manifest that is done (verified), or queued or running (its newest Slurm task is in squeue), is
+not submitted again. A phase-3 manifest whose phase-2 ranking is neither done nor queued is not
+submitted (the command says which phase-2 jobs are missing). A manifest that lets the model's own
+code run (model.trust_remote_code) needs --trust-remote-code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
+import io
 import os
 import re
 import subprocess
@@ -28,7 +37,8 @@ from esa.results.state import job_state
 from esa.spec.manifest import Manifest, Resources
 from esa.spec.plan import Job, ReduceStep
 from jobs.plans import RunPlan, load_plan, write_expanded
-from jobs.slurm import (active_jobs, have_slurm, max_array_size, slurm_parameters, slurm_python, split_arrays)
+from jobs.slurm import (controller_problem, have_slurm, max_array_size, queue_states, sbatch_error_line,
+                        slurm_parameters, slurm_python, split_arrays)
 
 EXECUTORS = ("slurm", "local", "debug")
 
@@ -46,6 +56,7 @@ class Options:
     image: str | None = None  # Apptainer image for the tasks (default: $ESA_IMAGE)
     echo: bool = True
     model_map: dict[str, str] = field(default_factory=dict)  # plan model id -> id/path used instead
+    trust_remote_code: bool = False  # allow manifests with model.trust_remote_code (the model's own code runs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -60,14 +71,95 @@ def pending_jobs(run: RunPlan) -> tuple[list[Job], list[Job]]:
     return todo, done
 
 
-def queued_phase2_arrays(layout: RunLayout) -> list[str]:
-    """Array ids of this run's phase-2 submissions that are still pending or running."""
-    ids: list[str] = []
+def queued_tasks(layout: RunLayout) -> dict[str, str]:
+    """{manifest id (or reduce-step id): Slurm task id} of this run's jobs that are queued or running
+    now: the newest Slurm task of each (submission records) that squeue lists."""
+    from jobs.status import submitted_jobs
+
+    tasks, _ = submitted_jobs(layout)
+    reduce: dict[str, str] = {}
     for _, rec in layout.submission_records():
-        if rec.get("phase") == 2 and rec.get("executor") == "slurm" and not rec.get("dry_run"):
-            ids += [str(a["job_id"]) for a in rec.get("arrays", [])]
-            ids += [str(r["job_id"]) for r in rec.get("reduce", [])]
-    return active_jobs(ids)
+        if rec.get("executor") == "slurm" and not rec.get("dry_run"):
+            for red in rec.get("reduce", []) or []:
+                if red.get("job_id") and red.get("out_dir"):
+                    reduce[Path(red["out_dir"]).name] = str(red["job_id"])
+    wanted = {**tasks, **reduce}
+    queue = queue_states(list(wanted.values())) or {}
+    return {mid: job for mid, job in wanted.items() if job in queue}
+
+
+def drop_queued(todo: list[Job], queued: dict[str, str], say: Any) -> list[Job]:
+    """`todo` without the jobs that are queued or running already (saying which)."""
+    busy = [j for j in todo if j.id in queued]
+    if busy:
+        say(f"{len(busy)} manifest(s) already queued or running, not submitted again: "
+            + ", ".join(f"{j.id} (job {queued[j.id]})" for j in busy))
+    return [j for j in todo if j.id not in queued]
+
+
+def check_trust_remote_code(todo: list[Job], options: Options) -> None:
+    """Refuse manifests that would run the model repository's own code unless --trust-remote-code was given."""
+    risky = [j.id for j in todo if j.manifest.model.trust_remote_code]
+    if risky and not options.trust_remote_code:
+        raise UserError(f"{len(risky)} manifest(s) set model.trust_remote_code ({', '.join(risky[:5])}"
+                        f"{', ...' if len(risky) > 5 else ''}): the model repository's own Python code would run; "
+                        "submit with --trust-remote-code (make submit TRUST_REMOTE_CODE=1) if you trust it")
+
+
+def input_ids(job: Job) -> tuple[str, ...]:
+    """Ids of the jobs whose results `job` reads: its `needs`, else (a manifest read back from a run
+    folder) the folder of its phase-2 ranking, RUN/results/<id>/scores.h5."""
+    if job.needs:
+        return job.needs
+    source = getattr(getattr(job.manifest, "targets", None), "from_scores", None)
+    return (Path(source).parent.name,) if source else ()
+
+
+@dataclass
+class Inputs:
+    """Phase-3 jobs sorted by the state of the phase-2 results they read."""
+
+    ready: list[Job] = field(default_factory=list)  # inputs done
+    waiting: dict[tuple[str, ...], list[Job]] = field(default_factory=dict)  # queued Slurm ids -> jobs
+    missing: dict[str, list[Job]] = field(default_factory=dict)  # input id -> jobs that need it
+
+
+def sort_by_inputs(run: RunPlan, todo: list[Job], queued: dict[str, str]) -> Inputs:
+    """Which of `todo` can run now, which wait for queued inputs (and on which Slurm jobs), which cannot."""
+    out = Inputs()
+    for job in todo:
+        wait: list[str] = []
+        lacking = []
+        for mid in input_ids(job):
+            if job_state(run.layout.results_dir(mid)).done:
+                continue
+            if mid in queued:
+                wait.append(queued[mid])
+            else:
+                lacking.append(mid)
+        if lacking:
+            for mid in lacking:
+                out.missing.setdefault(mid, []).append(job)
+        elif wait:
+            out.waiting.setdefault(tuple(sorted(set(wait))), []).append(job)
+        else:
+            out.ready.append(job)
+    return out
+
+
+def _describe_missing(run: RunPlan, missing: dict[str, list[Job]], show: int = 5) -> str:
+    """The missing inputs (the first `show`): id, what it is (the needing job's ranking labels) and its state."""
+    parts = []
+    for mid, jobs in list(missing.items())[:show]:
+        state = job_state(run.layout.results_dir(mid))
+        labels = jobs[0].labels
+        what = " ".join(str(labels[k]) for k in ("model", "metric", "mode") if labels.get(k)) or "phase 2"
+        if "seed" in labels:
+            what += f" seed={labels['seed']}"
+        why = state.state + (f": {state.reason}" if state.reason and state.reason != state.state else "")
+        parts.append(f"{mid} ({what}; {why})")
+    more = len(missing) - show
+    return ", ".join(parts) + (f" and {more} more" if more > 0 else "")
 
 
 def analysis_available() -> bool:
@@ -113,9 +205,22 @@ def submit(plan_path: str | Path, options: Options | None = None) -> dict[str, A
         raise UserError(f"plan '{plan_path}' does not exist (plans live in manifests/phaseN.toml "
                         "and manifests/tiny/phaseN.toml)")
     run = load_plan(plan_path, model_map=options.model_map)
-    if not options.dry_run:
+    if options.dry_run:
+        return submit_jobs(run, pending_jobs(run), options)
+    _check_controller(options)
+    with run.layout.submission_lock():  # one submission at a time: the second sees what the first sent
         write_expanded(run)
-    return submit_jobs(run, pending_jobs(run), options)
+        return submit_jobs(run, pending_jobs(run), options)
+
+
+def _check_controller(options: Options) -> None:
+    """EXECUTOR=slurm: one line, at once, when the Slurm controller does not answer."""
+    if options.executor != "slurm" or options.dry_run:
+        return
+    problem = controller_problem()
+    if problem:
+        raise UserError(f"the Slurm controller does not answer ({problem}); nothing was submitted. "
+                        "Is slurmctld running? (the test cluster: make slurm-up)")
 
 
 def submit_jobs(run: RunPlan, selection: tuple[list[Job], list[Job]], options: Options) -> dict[str, Any]:
@@ -126,13 +231,46 @@ def submit_jobs(run: RunPlan, selection: tuple[list[Job], list[Job]], options: O
         f"in {run.layout.manifests_dir}; {len(done)} already complete, {len(todo)} to run")
     record = _Record(run, options)
     record.data["skipped_complete"] = [j.id for j in done]
-    reduce = [r for r in run.reduce if not job_state(r.out_dir).done]
-    if not todo and not reduce:
-        say("nothing to submit: every manifest of this plan is complete")
+    queued = queued_tasks(run.layout) if run.layout.submissions_dir.is_dir() else {}
+    todo = drop_queued(todo, queued, say)
+    record.data["skipped_queued"] = sorted(j.id for j in selection[0] if j.id in queued)
+    reduce = [r for r in run.reduce if not job_state(r.out_dir).done and r.id not in queued]
+    check_trust_remote_code(todo, options)
+    groups = _groups(run, todo, queued, options, record, say)
+    if not any(jobs for _, jobs in groups) and not reduce:
+        say("nothing to submit: every manifest of this plan is complete" if not record.data["skipped_queued"]
+            else "nothing to submit: every other manifest is complete")
         return record.data
     if options.executor == "slurm":
-        return _submit_slurm(run, todo, reduce, record, options, say)
-    return _run_here(run, todo, reduce, record, options, say)
+        return _submit_slurm(run, groups, reduce, record, options, say)
+    return _run_here(run, [j for _, jobs in groups for j in jobs], reduce, record, options, say)
+
+
+def _groups(run: RunPlan, todo: list[Job], queued: dict[str, str], options: Options, record: _Record,
+            say: Any) -> list[tuple[str | None, list[Job]]]:
+    """(dependency, jobs) groups to submit: one group, or for phase 3 one per set of queued phase-2
+    tasks the jobs wait for (so a failed phase-2 task holds back only its own dependants).
+    Phase-3 jobs whose inputs are neither done nor queued are left out, saying which inputs."""
+    after = [a.strip() for a in options.after if a.strip()]
+    bad = [a for a in after if not re.fullmatch(r"\d+(_\d+)?", a)]
+    if bad:
+        raise UserError(f"AFTER must be Slurm job ids (e.g. 1234 or 1234,1240), got {', '.join(bad)}")
+    if after or run.phase != 3:
+        return [("afterok:" + ":".join(after) if after else None, todo)]
+    inputs = sort_by_inputs(run, todo, queued if options.chain else {})
+    if inputs.missing:
+        lacking = sorted({j.id for jobs in inputs.missing.values() for j in jobs})
+        record.data["skipped_missing_inputs"] = lacking
+        text = (f"{len(lacking)} phase-3 manifest(s) need phase-2 results that are neither done nor queued: "
+                + _describe_missing(run, inputs.missing))
+        if not inputs.ready and not inputs.waiting:
+            raise UserError(text + "; submit phase 2 first (make submit PHASE=2, or make resubmit)")
+        say(f"not submitted: {text}")
+    groups: list[tuple[str | None, list[Job]]] = [(None, inputs.ready)] if inputs.ready else []
+    for wait, jobs in inputs.waiting.items():
+        say(f"{len(jobs)} phase-3 manifest(s) wait for phase-2 job(s) {', '.join(wait)} (afterok)")
+        groups.append(("afterok:" + ":".join(wait), jobs))
+    return groups
 
 
 def _run_here(run: RunPlan, todo: list[Job], reduce: list[ReduceStep], record: _Record, options: Options,
@@ -151,12 +289,13 @@ def _run_here(run: RunPlan, todo: list[Job], reduce: list[ReduceStep], record: _
             say(f"  then: esa reduce {len(step.shards)} shards --out-dir {step.out_dir}")
         return record.data
     folder = run.layout.logs_dir(options.executor)
+    watch = _LocalWatch(record, options.executor)
     if options.executor == "debug":
-        outcomes = run_in_process(todo, folder=folder, echo=options.echo)
+        outcomes = run_in_process(todo, folder=folder, echo=options.echo, watch=watch)
     else:
         outcomes = run_local(todo, folder=folder, manifest_path=run.manifest_path,
                              timeout_min=parse_time_minutes(run.resources.time), gpus=run.resources.gpus,
-                             echo=options.echo)
+                             echo=options.echo, watch=watch)
     record.data[options.executor] = [o.to_record() for o in outcomes]
     failed = {o.job.id for o in outcomes if not o.ok}
     for step in reduce:
@@ -172,16 +311,25 @@ def _run_here(run: RunPlan, todo: list[Job], reduce: list[ReduceStep], record: _
     return record.data
 
 
-def _dependency_for(run: RunPlan, options: Options, say: Any) -> str | None:
-    after = [a.strip() for a in options.after if a.strip()]
-    if not after and run.phase == 3 and options.chain:
-        after = queued_phase2_arrays(run.layout)
-        if after:
-            say(f"phase 3 waits for this run's queued phase-2 job(s) {', '.join(after)} (afterok)")
-    bad = [a for a in after if not re.fullmatch(r"\d+(_\d+)?", a)]
-    if bad:
-        raise UserError(f"AFTER must be Slurm job ids (e.g. 1234 or 1234,1240), got {', '.join(bad)}")
-    return "afterok:" + ":".join(after) if after else None
+class _LocalWatch:
+    """Keeps a local run's submission record current: a job in flight is recorded with this
+    process's pid (status shows it running, or failed if the process dies), each outcome as it comes."""
+
+    def __init__(self, record: _Record, executor: str) -> None:
+        import socket
+
+        self.record, self.executor, self.host = record, executor, socket.gethostname()
+        self.entries: list[dict[str, Any]] = []
+
+    def __call__(self, job: Job, outcome: Any) -> None:
+        self.entries = [e for e in self.entries if e["manifest_id"] != job.id]
+        if outcome is None:
+            self.entries.append({"manifest_id": job.id, "state": "running", "ok": None, "pid": os.getpid(),
+                                 "host": self.host})
+        else:
+            self.entries.append(outcome.to_record())
+        self.record.data[self.executor] = list(self.entries)
+        self.record.save()
 
 
 def _slurm_executor(folder: Path, image: str | None) -> Any:
@@ -194,16 +342,18 @@ def _slurm_executor(folder: Path, image: str | None) -> Any:
     return submitit.AutoExecutor(folder=str(folder / "%j"), cluster="slurm", **kwargs)
 
 
-def _submit_slurm(run: RunPlan, todo: list[Job], reduce: list[ReduceStep], record: _Record, options: Options,
-                  say: Any) -> dict[str, Any]:
+def _submit_slurm(run: RunPlan, groups: list[tuple[str | None, list[Job]]], reduce: list[ReduceStep],
+                  record: _Record, options: Options, say: Any) -> dict[str, Any]:
     from jobs.task import EsaTask
 
     limit = max_array_size(options.max_array_size)
-    dependency = _dependency_for(run, options, say)
     image = options.image if options.image is not None else os.environ.get("ESA_IMAGE") or None
-    chunks = split_arrays(todo, limit)
+    chunks = [(dep, chunk) for dep, jobs in groups for chunk in split_arrays(jobs, limit)]
     parallelism = run.resources.array_parallelism
     name = f"esa-p{run.phase}-{run.experiment}"[:64]
+    # One dependency shared by every array (or none) is recorded once; otherwise each array records its own.
+    shared = {dep for dep, _ in chunks}
+    dependency = shared.pop() if len(shared) == 1 else None
     params = slurm_parameters(run.resources, name, dependency, parallelism)
     data = record.data
     data.update(dependency=dependency, max_array_size=limit, image=image,
@@ -211,8 +361,9 @@ def _submit_slurm(run: RunPlan, todo: list[Job], reduce: list[ReduceStep], recor
     if options.dry_run:
         say(f"DRY RUN: would submit {len(chunks)} array(s) (MaxArraySize {limit}) with {_describe(params)}"
             + (f" in {image}" if image else ""))
-        for i, chunk in enumerate(chunks):
-            say(f"  array {i}: --array=0-{len(chunk) - 1}%{min(parallelism, len(chunk))} ({len(chunk)} tasks)")
+        for i, (dep, chunk) in enumerate(chunks):
+            say(f"  array {i}: --array=0-{len(chunk) - 1}%{min(parallelism, len(chunk))} ({len(chunk)} tasks)"
+                + (f", {dep}" if dep else ""))
             for j, job in enumerate(chunk):
                 say(f"    [{j}] {job.id} {run.manifest_path(job)}")
         for step in reduce:
@@ -221,24 +372,33 @@ def _submit_slurm(run: RunPlan, todo: list[Job], reduce: list[ReduceStep], recor
         if run.phase == 3 and options.analyze:
             say(f"  aggregation job (afterany): python -m analysis {run.layout.root}"
                 + ("" if analysis_available() else " [skipped: analysis package not present]"))
-        data["arrays"] = [{"job_id": None, "tasks": [{"index": j, "manifest_id": job.id}
-                                                     for j, job in enumerate(c)]} for c in chunks]
+        data["arrays"] = [{"job_id": None, "dependency": dep, "tasks": [{"index": j, "manifest_id": job.id}
+                                                                       for j, job in enumerate(c)]}
+                          for dep, c in chunks]
         return data
 
-    executor = _slurm_executor(run.layout.submitit_dir, image)
-    executor.update_parameters(**params)
     array_ids: list[str] = []
-    for chunk in chunks:
-        submitted = executor.map_array(EsaTask(), [str(run.manifest_path(job).resolve()) for job in chunk])
-        array_id = submitted[0].job_id.split("_")[0]
-        array_ids.append(array_id)
-        # submitit sends a one-item map as a plain job (id "123"), longer ones as an array ("123_4")
-        data["arrays"].append({"job_id": array_id, "tasks": [
-            {"index": j, "job": str(s.job_id), "manifest_id": job.id, "manifest": str(run.manifest_path(job))}
-            for j, (job, s) in enumerate(zip(chunk, submitted))]})
-        say(f"submitted array {array_id}: {len(chunk)} tasks (throttle {min(parallelism, len(chunk))})"
-            + (f", {dependency}" if dependency else ""))
-    record.save()  # ids are on disk before anything else can fail
+    try:
+        for dep, chunk in chunks:
+            executor = _slurm_executor(run.layout.submitit_dir, image)
+            executor.update_parameters(**slurm_parameters(run.resources, name, dep, parallelism))
+            with contextlib.redirect_stderr(io.StringIO()):  # submitit echoes a failed sbatch's stderr
+                submitted = executor.map_array(EsaTask(), [str(run.manifest_path(job).resolve()) for job in chunk])
+            array_id = submitted[0].job_id.split("_")[0]
+            array_ids.append(array_id)
+            # submitit sends a one-item map as a plain job (id "123"), longer ones as an array ("123_4")
+            data["arrays"].append({"job_id": array_id, "dependency": dep, "tasks": [
+                {"index": j, "job": str(s.job_id), "manifest_id": job.id, "manifest": str(run.manifest_path(job))}
+                for j, (job, s) in enumerate(zip(chunk, submitted))]})
+            record.save()  # ids are on disk before anything else can fail
+            say(f"submitted array {array_id}: {len(chunk)} tasks (throttle {min(parallelism, len(chunk))})"
+                + (f", {dep}" if dep else ""))
+    except _submission_errors() as exc:
+        if array_ids:
+            record.save()
+        raise UserError(f"sbatch refused the submission: {sbatch_error_line(str(exc))}"
+                        + (f" (arrays {', '.join(array_ids)} were submitted and recorded)" if array_ids else
+                           "; nothing was submitted")) from None
     for step in reduce:
         job_id = _submit_command(run, f"esa-reduce-{run.experiment}", _reduce_command(step),
                                  "afterok:" + ":".join(array_ids) if array_ids else dependency, image)
@@ -257,6 +417,13 @@ def _submit_slurm(run: RunPlan, todo: list[Job], reduce: list[ReduceStep], recor
     path = record.save()
     say(f"recorded in {path}; follow with: make status RUN={run.layout.root}")
     return data
+
+
+def _submission_errors() -> tuple[type[BaseException], ...]:
+    """What submitit raises when sbatch refuses a submission (the controller is down, a bad option)."""
+    from submitit.core.utils import FailedJobError
+
+    return (FailedJobError, subprocess.CalledProcessError)
 
 
 def _reduce_command(step: ReduceStep) -> list[str]:
@@ -301,26 +468,39 @@ def resubmit(run_dir: str | Path, options: Options | None = None) -> list[dict[s
     manifests are the ones already in RUN/manifests (nothing is re-expanded). Reduce jobs of
     sharded phase-2 runs whose result is missing are submitted again too.
     """
-    from jobs.status import collect, needs_resubmit
-
     options = options or Options()
     layout = RunLayout(Path(run_dir))
-    rows = collect(layout, use_sacct=options.executor == "slurm")
+    if options.dry_run:
+        return _resubmit(layout, options)
+    _check_controller(options)
+    with layout.submission_lock():
+        return _resubmit(layout, options)
+
+
+def _resubmit(layout: RunLayout, options: Options) -> list[dict[str, Any]]:
+    from jobs.status import collect, needs_resubmit
+
+    say = print if options.echo else (lambda *a, **k: None)
+    # Slurm is asked whatever the executor: a task still queued there must not run twice.
+    rows = collect(layout, use_sacct=True)
     records = _latest_records(layout)
     by_phase: dict[int, list[Job]] = {}
     jobs: dict[str, Job] = {}
     for row in rows:
+        if row.reason == "invalid_manifest":
+            say(f"not resubmitted: {row.manifest}: {row.message or 'not a valid manifest'}")
+            continue
         if row.phase is None:
             continue
         try:
             manifest = Manifest.from_dict(_read(row.manifest), source=row.manifest)
-        except UserError:
+        except UserError as exc:
+            say(f"not resubmitted: {exc}")
             continue
         job = Job(manifest, {})
         jobs[row.manifest_id] = job
         if needs_resubmit(row):
             by_phase.setdefault(int(row.phase), []).append(job)
-    say = print if options.echo else (lambda *a, **k: None)
     out = []
     phases = sorted(set(by_phase) | {p for p, r in records.items() if _open_reduce(r, jobs)})
     if not phases:

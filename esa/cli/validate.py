@@ -19,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Check each manifest (JSON) against the manifest schema. Prints "
                        "'FILE: OK' or one line per error ('FILE: $.field.path: message'); exits 0 only "
                        "if every file is valid. A manifest in a run folder (RUN/manifests/<id>.json) must "
-                       "also write inside RUN. A .toml file is checked against the plan schema.")
+                       "also write inside RUN and carry its id (the hash of its content). A .toml file is checked against the plan schema.")
     p.add_argument("files", nargs="+", metavar="FILE", help="manifest JSON files or plan TOML files")
     p.add_argument("--run-dir", default=None,
                    help="require outputs.dir inside this run folder (default: RUN for files named "
@@ -56,6 +56,12 @@ def file_errors(path: Path, run_dir: str | None = None) -> list[str]:
     errors = validate_manifest(doc, Path(run_dir) if run_dir else (layout.root if layout else None))
     if not errors and _ID_NAME.match(path.stem) and isinstance(doc, dict) and doc.get("id") not in (None, path.stem):
         errors.append(f"$.id: '{doc['id']}' differs from the file name {path.name}")
+    if not errors and layout is not None:
+        from esa.results.layout import manifest_file_problem
+
+        problem = manifest_file_problem(doc, path)  # what `esa run` and `make resubmit` refuse
+        if problem:
+            errors.append(f"$.id: {problem}")
     return errors
 
 

@@ -9,6 +9,7 @@ Layout of a run folder RUN = RUNS/<experiment>::
     RUN/submissions/<time>-phase<N>.json   one record per submission (job ids, executor, git commit)
     RUN/logs/, RUN/submitit/           logs of local runs; submitit's pickles and Slurm logs
     RUN/report/                        the analysis report
+    RUN/.submit.lock                   held by one `make submit` / `make resubmit` at a time
 
 RUNS is, in this order: the caller's choice, $ESA_RUNS, the plan's `runs`, ./runs. Outputs
 never leave RUN: experiment names are plain folder names and every path this object hands
@@ -17,10 +18,15 @@ out is checked against symlinks that point elsewhere. Torch-free.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
 import re
+import socket
+import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +35,10 @@ from esa.core.errors import UserError
 from esa.core.io import atomic_write_json
 from esa.spec.schema import escape_reason
 
-__all__ = ["RUNS_ENV", "runs_root", "check_experiment_name", "RunLayout", "ensure_inside"]
+__all__ = ["RUNS_ENV", "runs_root", "check_experiment_name", "RunLayout", "ensure_inside", "LOCK_TIMEOUT_ENV",
+           "manifest_file_problem"]
+
+LOCK_TIMEOUT_ENV = "ESA_SUBMIT_LOCK_TIMEOUT"  # seconds a submission waits for another one (default 600)
 
 RUNS_ENV = "ESA_RUNS"
 DEFAULT_RUNS = "runs"
@@ -60,6 +69,28 @@ def ensure_inside(run: str | os.PathLike[str], path: str | os.PathLike[str]) -> 
         raise UserError(f"output path refused: {reason}")
     target = Path(path)
     return (target if target.is_absolute() else Path(run) / target).resolve()
+
+
+def manifest_file_problem(doc: Any, path: str | os.PathLike[str]) -> str | None:
+    """Why a manifest file of a run folder (RUN/manifests/<id>.json) cannot be trusted, or None.
+
+    Expansion writes each manifest with its id, the content hash of what it computes, as its file
+    name. A file without an id, whose id is not its name, or whose content no longer hashes to its
+    id was edited afterwards: the job layer and `esa run` refuse it (expand the plan again)."""
+    from esa.spec.manifest import manifest_id
+
+    name = Path(path).name
+    if not isinstance(doc, dict):
+        return f"{name} is not a JSON object"
+    mid = doc.get("id")
+    if not mid:
+        return f"{name} has no id (manifests in a run folder carry their content hash; expand the plan again)"
+    if mid != Path(path).stem:
+        return f"{name} says id {mid}, not its file name"
+    actual = manifest_id(doc)
+    if actual != mid:
+        return f"{name} was edited after expansion (its content hashes to {actual}); expand the plan again"
+    return None
 
 
 @dataclass(frozen=True)
@@ -184,3 +215,52 @@ class RunLayout:
             path = self.submissions_dir / f"{stamp}-phase{record.get('phase', 'x')}.json"
         atomic_write_json(path, record)
         return path
+
+    # ------------------------------------------------------------------------------ locking
+    @property
+    def lock_path(self) -> Path:
+        """RUN/.submit.lock."""
+        return self.root / ".submit.lock"
+
+    @contextlib.contextmanager
+    def submission_lock(self, timeout: float | None = None) -> Iterator[None]:
+        """Hold the run folder's submission lock (one submit / resubmit at a time).
+
+        A second submission waits (saying so on stderr) up to `timeout` seconds ($ESA_SUBMIT_LOCK_TIMEOUT,
+        default 600), then fails with one line naming the holder. The lock is an flock on
+        RUN/.submit.lock, released when the holder exits, however it exits."""
+        import fcntl
+
+        if timeout is None:
+            timeout = float(os.environ.get(LOCK_TIMEOUT_ENV) or 600)
+        self.root.mkdir(parents=True, exist_ok=True)
+        fh = open(self.lock_path, "a+", encoding="utf-8")
+        try:
+            deadline, told = time.monotonic() + timeout, False
+            while True:
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    holder = self._lock_holder()
+                    if time.monotonic() >= deadline:
+                        raise UserError(f"another submission into {self.root} is still running ({holder}); "
+                                        "wait for it to finish, then submit again") from None
+                    if not told:
+                        print(f"waiting for another submission into {self.root} to finish ({holder})",
+                              file=sys.stderr, flush=True)
+                        told = True
+                    time.sleep(0.5)
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {_dt.datetime.now():%Y-%m-%d %H:%M:%S}\n")
+            fh.flush()
+            yield
+        finally:
+            fh.close()  # releases the flock
+
+    def _lock_holder(self) -> str:
+        try:
+            return self.lock_path.read_text(encoding="utf-8").strip() or "holder unknown"
+        except OSError:
+            return "holder unknown"

@@ -25,7 +25,12 @@ def torch_free(code: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("phase", [1, 2, 3])
 def test_submit_dry_run(tmp_path, phase):
-    torch_free(f"from jobs.cli import main\nassert main(['submit', '--phase', '{phase}', '--dry-run']) == 0", tmp_path)
+    # Phase 3 without its phase-2 results is refused (one line, exit 2), with --after it is planned.
+    code = (f"from jobs.cli import main\nassert main(['submit', '--phase', '{phase}', '--dry-run']) == "
+            f"{2 if phase == 3 else 0}\n")
+    if phase == 3:
+        code += "assert main(['submit', '--phase', '3', '--dry-run', '--after', '1']) == 0\n"
+    torch_free(code, tmp_path)
 
 
 def test_validate_and_status(tmp_path):

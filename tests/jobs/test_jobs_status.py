@@ -89,6 +89,7 @@ def test_status_with_slurm_records(run, monkeypatch):
         return parse_sacct(sacct)
 
     monkeypatch.setattr(status, "sacct_states", fake_sacct)
+    monkeypatch.setattr(status, "queue_states", lambda ids, timeout=30: None)  # squeue not there to ask
     rows = _rows(run)
     assert asked and "20_0" in asked[0] and "10_1" in asked[0]
     assert (rows["exc"].state, rows["exc"].job) == (RUNNING, "20_0")  # the resubmitted job runs: old error.json is stale

@@ -278,4 +278,10 @@ def test_makefile_cluster_targets():
     assert "-m jobs submit --plan manifests/tiny/phase2.toml --phase 2 --executor slurm --dry-run" in r.stdout
     r = subprocess.run(["make", "-n", "-C", str(REPO), "submit", "PHASE=3", "AFTER=77", "EXECUTOR=local",
                         f"STAMP={REPO / 'Makefile'}"], capture_output=True, text=True, timeout=60)
-    assert "--plan manifests/phase3.toml --phase 3 --executor local  --after 77" in r.stdout
+    assert "--plan manifests/phase3.toml --phase 3 --executor local --after 77" in " ".join(r.stdout.split())
+    r = subprocess.run(["make", "-n", "-C", str(REPO), "submit", "PHASE=2", "TRUST_REMOTE_CODE=1",
+                        f"STAMP={REPO / 'Makefile'}"], capture_output=True, text=True, timeout=60)
+    assert "--trust-remote-code" in r.stdout
+    r = subprocess.run(["make", "-n", "-C", str(REPO), "analyze", "RUN=runs/x", "STRICT=1",
+                        f"STAMP={REPO / 'Makefile'}"], capture_output=True, text=True, timeout=60)
+    assert "-m analysis runs/x --strict" in r.stdout
