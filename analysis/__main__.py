@@ -21,6 +21,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", metavar="RUN", help="run folder (runs/<experiment>, or any folder "
                    "holding job output folders)")
     p.add_argument("--out", default=None, metavar="DIR", help="report folder (default: RUN/report)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when any job is not done (failed, "
+                   "corrupt, missing, incomplete, pre-empted)")
+
+
+def finish(path: object, counts: dict[str, int], strict: bool, prog: str = "analysis") -> int:
+    """Print the report's path (stdout) and the job summary (stderr); the exit code (--strict: 1
+    unless every job is done)."""
+    from analysis.report import summary_line
+    from esa.results.state import DONE
+
+    print(path)
+    not_done = sum(n for state, n in counts.items() if state != DONE)
+    print(summary_line(counts), file=sys.stderr)
+    if strict and not_done:
+        print(f"{prog}: --strict: {not_done} job(s) are not done", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -32,16 +49,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"analysis: error: run folder {args.run} does not exist or is not a folder",
               file=sys.stderr)
         return 2
-    from analysis.report import build_report
-    from esa.core.errors import UserError
+    from analysis.report import write_report
+    from esa.core.errors import UserError, os_error_line
 
     try:
-        path = build_report(args.run, args.out)
+        path, counts = write_report(args.run, args.out)
     except UserError as exc:
         print(f"analysis: error: {exc}", file=sys.stderr)
         return 2
-    print(path)
-    return 0
+    except OSError as exc:
+        print(f"analysis: error: {os_error_line(exc)}", file=sys.stderr)
+        return 2
+    return finish(path, counts, args.strict)
 
 
 if __name__ == "__main__":

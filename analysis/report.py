@@ -25,8 +25,9 @@ from analysis.stability import (seed_stability, shard_stability, stability_json,
 from analysis.super_weights import super_weight_table
 from esa.core.io import atomic_write_json, atomic_write_text
 from esa.results.overlap import GRANULARITIES
+from esa.results.state import DONE, STATES
 
-__all__ = ["build_report", "REPORT_DIR"]
+__all__ = ["build_report", "write_report", "status_counts", "summary_line", "REPORT_DIR"]
 
 REPORT_DIR = "report"
 _PROBLEM_COLUMNS = ["status", "reason", "id", "phase", "model", "metric", "seed", "perturbation",
@@ -51,8 +52,7 @@ def _status_counts(jobs: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     counts = (jobs.assign(phase=jobs["phase"].astype(object).where(jobs["phase"].notna(), "?"))
               .groupby(["phase", "status"]).size().unstack(fill_value=0))
-    counts = counts.reindex(columns=[s for s in ("complete", "failed", "missing", "incomplete",
-                                                 "corrupt") if s in counts.columns])
+    counts = counts.reindex(columns=[s for s in STATES if s in counts.columns])
     counts["total"] = counts.sum(axis=1)
     return counts.reset_index()
 
@@ -113,7 +113,7 @@ def _delta_columns(table: pd.DataFrame, controls: list[str]) -> list[str]:
 
 def _blocks(run: Path, jobs: pd.DataFrame, parts: dict[str, Any]) -> list[Block]:
     problems = problem_jobs(jobs)
-    n_ok = int((jobs["status"] == "complete").sum()) if not jobs.empty else 0
+    n_ok = int((jobs["status"] == DONE).sum()) if not jobs.empty else 0
     blocks: list[Block] = [
         Heading(f"ESA report: {run.name}", 1),
         Para(f"Run folder {run} · generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} · "
@@ -150,12 +150,31 @@ def _blocks(run: Path, jobs: pd.DataFrame, parts: dict[str, Any]) -> list[Block]
     return blocks
 
 
+def status_counts(jobs: pd.DataFrame) -> dict[str, int]:
+    """Jobs per state (every state of esa.results.state.STATES, zeros included), in that order."""
+    found = jobs["status"].value_counts().to_dict() if not jobs.empty else {}
+    return {state: int(found.get(state, 0)) for state in STATES}
+
+
+def summary_line(counts: dict[str, int]) -> str:
+    """``12 jobs: 9 done, 1 failed, 1 corrupt, 1 missing`` (states other than done only when present,
+    failed / corrupt / missing always)."""
+    shown = [s for s in STATES if counts.get(s) or s in (DONE, "failed", "corrupt", "missing")]
+    return f"{sum(counts.values())} jobs: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in shown)
+
+
 def build_report(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None
                  ) -> Path:
     """Aggregate every job under ``run_dir`` and write the report; returns report.html's path.
 
     ``out_dir`` defaults to RUN/report. Raises esa.core.errors.UserError when RUN is not a folder.
     """
+    return write_report(run_dir, out_dir)[0]
+
+
+def write_report(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None
+                 ) -> tuple[Path, dict[str, int]]:
+    """:func:`build_report`, also returning the jobs per state (:func:`status_counts`)."""
     t0 = time.perf_counter()
     jobs = collect_jobs(run_dir)
     run = Path(run_dir).resolve()
@@ -181,4 +200,5 @@ def build_report(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str
     blocks = _blocks(run, jobs, parts)
     blocks.append(Para(f"Built in {time.perf_counter() - t0:.1f} s by `python -m analysis`."))
     atomic_write_text(report / "report.md", render_markdown(blocks, report))
-    return atomic_write_text(report / "report.html", render_html(blocks, f"ESA report: {run.name}"))
+    html = atomic_write_text(report / "report.html", render_html(blocks, f"ESA report: {run.name}"))
+    return html, status_counts(jobs)

@@ -21,8 +21,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Build the report and print the path of report.html."""
-    from analysis.report import build_report
+    """Build the report, print the path of report.html and the job summary (--strict: exit 1 unless all done)."""
+    from analysis.__main__ import finish
+    from analysis.report import write_report
 
-    print(build_report(args.run, args.out))
-    return 0
+    path, counts = write_report(args.run, args.out)
+    return finish(path, counts, args.strict, prog="esa analyze")
