@@ -221,27 +221,162 @@ def test_usr2_signal_checkpoints_requeues_and_resumes(env, tmp_path):
     print(f"USR2 -> requeue -> resume: {time.monotonic() - t0:.0f} s")
 
 
-def test_phase2_then_phase3_then_aggregation_by_dependencies(env, tmp_path):
+def _long_phase2_plan(tmp_path: Path, windows: int = 800) -> Path:
+    """tiny/phase2.toml cut to one grad_x_weight job of `windows` one-window batches (5-20 s)."""
+    plans = tmp_path / "plans"
+    plans.mkdir(exist_ok=True)
+    for p in TINY.glob("*.toml"):
+        (plans / p.name).write_text(p.read_text())
+    text = (plans / "phase2.toml").read_text()
+    text = text.replace("seeds = [0, 1, 2]", "seeds = [0]").replace('metrics = ["grad_x_weight", "act_mag"]',
+                                                                  'metrics = ["grad_x_weight"]')
+    text = text.replace("max_samples = 8", f"max_samples = {windows}").replace("pool_size = 32",
+                                                                               f"pool_size = {windows}")
+    text = text.replace("batch_size = 4", "batch_size = 1")
+    (plans / "phase2.toml").write_text(text)
+    return plans / "phase2.toml"
+
+
+def _wait_for_loop(out: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while "calibration windows" not in ((out / "esa.log").read_text() if (out / "esa.log").exists() else ""):
+        assert time.monotonic() < deadline, "the task never reached its batch loop"
+        time.sleep(0.1)
+
+
+def _phase3_jobs(env: dict) -> list:
+    from jobs.plans import load_plan
+
+    return load_plan(TINY / "phase3.toml", runs=env["ESA_RUNS"], model_map={"esa:tiny-llama": env["_MODEL"]}).jobs
+
+
+def test_requeue_checkpoints_resumes_and_never_redoes_a_finished_task(env, tmp_path):
+    """Issue #12 items 6 and 1: `scontrol requeue` of a running task sends SIGTERM: the task checkpoints
+    (submitit used to ignore SIGTERM and lose everything since the last checkpoint) and the requeued
+    task resumes. Requeued again once it finished, it does not run the job again, and a result that
+    is complete stays complete (the rerun used to delete experiment_manifest.json first)."""
     t0 = time.monotonic()
     run = Path(env["ESA_RUNS"]) / "tiny"
-    p2 = submit_tiny(env, 2)
-    p3 = submit_tiny(env, 3)  # the phase-2 array is still queued: phase 3 waits for it (afterok)
-    p2_id = p2["arrays"][0]["job_id"]
-    assert p3["dependency"] == f"afterok:{p2_id}", p3["dependency"]
-    p3_id = p3["arrays"][0]["job_id"]
-    assert p3.get("analysis"), "phase 3 must be followed by the aggregation job"
-    agg_id = p3["analysis"]["job_id"]
-    assert p3["analysis"]["dependency"] == f"afterany:{p3_id}"
-    wait_finished([p2_id, p3_id, agg_id], timeout=480, expect_tasks=13)
-    lines = sacct([p2_id, p3_id, agg_id])
-    final = {j: s.split()[0] for j, s, _, _ in lines}
-    assert all(s == "COMPLETED" for s in final.values()), final
-    p2_end = max(e for j, _, _, e in lines if j.startswith(f"{p2_id}_"))
-    p3_start = min(s for j, _, s, _ in lines if j.startswith(f"{p3_id}_"))
-    p3_end = max(e for j, _, _, e in lines if j.startswith(f"{p3_id}_"))
-    agg_start = next(s for j, _, s, _ in lines if j == agg_id)
-    assert p2_end <= p3_start <= p3_end <= agg_start, (p2_end, p3_start, p3_end, agg_start)  # ISO times sort
+    r = jobs_cli(env, "submit", "--plan", str(_long_phase2_plan(tmp_path)), "--executor", "slurm",
+                 "--model-map", f"esa:tiny-llama={env['_MODEL']}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    record = newest_record(run, 2)
+    array, task = record["arrays"][0]["job_id"], record["arrays"][0]["tasks"][0]
+    out = run / "results" / task["manifest_id"]
+    _wait_for_loop(out)
+    time.sleep(1.0)
+    req = subprocess.run(["scontrol", "requeue", task["job"]], capture_output=True, text=True, timeout=30)
+    assert req.returncode == 0, req.stderr
+    wait_finished([array], timeout=240, expect_tasks=1)
+    assert [s.split()[0] for _, s, _, _ in sacct([array], duplicates=True)] == ["REQUEUED", "COMPLETED"]
+    log = (out / "esa.log").read_text()
+    assert "resuming from the checkpoint after batch" in log, log[-2000:]
+    assert_same_scores_as_uninterrupted(out, tmp_path)
+    before = {name: ((out / name).read_bytes(), (out / name).stat().st_mtime_ns)
+              for name in ("experiment_manifest.json", "scores.h5")}
+
+    # requeue the finished task: Slurm starts it again; it must neither redo nor un-mark the job
+    req = subprocess.run(["scontrol", "requeue", task["job"]], capture_output=True, text=True, timeout=30)
+    assert req.returncode == 0, req.stderr
+    deadline = time.monotonic() + 180
+    history = sacct([array], duplicates=True)
+    while len(history) < 3 or history[-1][1].split()[0] in ACTIVE:  # the third attempt, finished
+        assert time.monotonic() < deadline, history
+        time.sleep(2)
+        history = sacct([array], duplicates=True)
+    assert [s.split()[0] for _, s, _, _ in history] == ["REQUEUED", "REQUEUED", "COMPLETED"], history
+    after = {name: ((out / name).read_bytes(), (out / name).stat().st_mtime_ns) for name in before}
+    assert after == before, "a rerun of a finished task touched its result"
+    err = "".join(p.read_text() for p in (run / "submitit").glob(f"{array}*/*.err"))
+    assert "not run again" in err, err[-2000:]
     rows = status_rows(env, run)
-    assert len(rows) == 12 and all(r["state"] == "done" for r in rows.values()), rows
+    assert rows[task["manifest_id"]]["state"] == "done"
+    print(f"requeue (SIGTERM) -> resume; requeue of a finished task -> skipped: {time.monotonic() - t0:.0f} s")
+
+
+def test_phase2_then_phase3_chained_per_task_then_aggregation(env, tmp_path):
+    """Two submissions at once send each manifest once, and a resubmit right after sends nothing (item 2);
+    status shows a running task without a stale reason (item 10); each phase-3 task waits only for
+    the phase-2 task of its own ranking, so one failed phase-2 task holds back only its dependants
+    (item 8); the aggregation runs after phase 3 (afterany)."""
+    t0 = time.monotonic()
+    run = Path(env["ESA_RUNS"]) / "tiny"
+    mm = ["--model-map", f"esa:tiny-llama={env['_MODEL']}"]
+    dry = jobs_cli(env, "submit", "--phase", "2", "--tiny", "--dry-run", *mm)
+    ids = [line.split()[1] for line in dry.stdout.splitlines() if line.strip().startswith("[")]
+    rankings = list(dict.fromkeys(j.needs[0] for j in _phase3_jobs(env)))  # the 3 grad_x_weight phase-2 ids
+    assert len(rankings) == 3 and set(rankings) <= set(ids)
+    victim = rankings[1]  # its output folder is a file, so this phase-2 task fails
+    (run / "results").mkdir(parents=True)
+    (run / "results" / victim).write_text("not a folder")
+
+    # Phase 2 waits for a held job until phase 3 is submitted too: phase 3 then finds every phase-2
+    # task still queued, whatever the machine's speed.
+    gate = subprocess.run(["sbatch", "--parsable", "--hold", "--output=/dev/null", "--wrap", "true"],
+                          capture_output=True, text=True, timeout=30)
+    assert gate.returncode == 0, gate.stderr
+    gate_id = gate.stdout.strip().split(";")[0]
+    try:
+        cmd = [sys.executable, "-m", "jobs", "submit", "--phase", "2", "--tiny", "--executor", "slurm",
+               "--after", gate_id, *mm]
+        both = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for _ in range(2)]
+        outs = [p.communicate(timeout=300) for p in both]
+        assert all(p.returncode == 0 for p in both), outs
+        records = [json.loads(f.read_text()) for f in sorted((run / "submissions").glob("*-phase2.json"))]
+        sent = {t["manifest_id"]: t["job"] for rec in records for a in rec["arrays"] for t in a["tasks"]}
+        assert sorted(sent) == sorted(ids) and sum(len(a["tasks"]) for rec in records for a in rec["arrays"]) == 6, \
+            f"each manifest exactly once, got {records}"
+        p2_id = next(a["job_id"] for rec in records for a in rec["arrays"])
+        again = jobs_cli(env, "resubmit", str(run))  # sacct may not know the tasks yet; squeue does
+        assert again.returncode == 0, again.stderr
+        assert len(list((run / "submissions").glob("*-phase2.json"))) == len(records), again.stdout
+
+        p3 = submit_tiny(env, 3)
+    finally:
+        subprocess.run(["scontrol", "release", gate_id], capture_output=True, timeout=30)
+    assert p3["dependency"] is None and len(p3["arrays"]) == 3, p3["arrays"]
+    deps = {a["dependency"] for a in p3["arrays"]}
+    assert deps == {f"afterok:{sent[r]}" for r in rankings}, deps
+
+    seen_running = False
+    deadline = time.monotonic() + 180
+    while not seen_running and time.monotonic() < deadline:
+        for row in status_rows(env, run).values():
+            if row["state"] == "running":
+                seen_running = True
+                assert row["message"] == "", row  # never the array's pending reason
+            if row["state"] == "pending":
+                assert row["message"] in ("", "JobArrayTaskLimit", "Priority", "Resources", "Dependency"), row
+        time.sleep(0.5)
+    assert seen_running, "no task was seen running"
+
+    p3_ids = [a["job_id"] for a in p3["arrays"]]
+    agg_id = p3["analysis"]["job_id"]
+    assert p3["analysis"]["dependency"] == "afterany:" + ":".join(p3_ids)
+    # 6 phase-2 tasks, the 4 phase-3 tasks that ran, the aggregation (a cancelled array that never
+    # started is one line, "<id>_[0-1%2]", which wait_finished does not count)
+    wait_finished([p2_id, *p3_ids, agg_id], timeout=600, expect_tasks=11)
+    lines = sacct([p2_id, *p3_ids, agg_id])
+    final = {j: s.split()[0] for j, s, _, _ in lines}
+    assert final[sent[victim]] == "FAILED", final
+    held = next(a for a in p3["arrays"] if a["dependency"] == f"afterok:{sent[victim]}")
+    for jid, state in final.items():
+        if jid.split("_")[0] == held["job_id"]:
+            assert state == "CANCELLED", final  # only the failed ranking's dependants
+        elif jid != sent[victim]:
+            assert state == "COMPLETED", final
+    ends = {j: e for j, _, _, e in lines}
+    starts = {j: s for j, _, s, _ in lines}
+    for array in p3["arrays"]:
+        if array is not held:
+            upstream = array["dependency"].split(":")[1]
+            assert all(ends[upstream] <= starts[t["job"]] for t in array["tasks"]), (ends, starts)
+    rows = status_rows(env, run)
+    states = sorted(r["state"] for r in rows.values())
+    assert states.count("done") == 12 - 1 - len(held["tasks"]), rows
+    assert rows[victim]["state"] == "failed"
+    for t in held["tasks"]:
+        assert (rows[t["manifest_id"]]["state"], rows[t["manifest_id"]]["reason"]) == ("failed", "cancelled")
     assert (run / "report" / "report.html").exists(), "the aggregation job wrote no report"
-    print(f"phase 2 -> 3 -> aggregation chain: {time.monotonic() - t0:.0f} s")
+    print(f"phase 2 -> 3 (per task) -> aggregation chain: {time.monotonic() - t0:.0f} s")
