@@ -111,8 +111,21 @@ def input_ids(job: Job) -> tuple[str, ...]:
     folder) the folder of its phase-2 ranking, RUN/results/<id>/scores.h5."""
     if job.needs:
         return job.needs
+    source = _ranking_file(job)
+    return (source.parent.name,) if source else ()
+
+
+def _ranking_file(job: Job) -> Path | None:
     source = getattr(getattr(job.manifest, "targets", None), "from_scores", None)
-    return (Path(source).parent.name,) if source else ()
+    return Path(source) if source else None
+
+
+def _input_done(run: RunPlan, job: Job, mid: str) -> bool:
+    """Whether input `mid` of `job` is done: its results folder in this run, or wherever the job's
+    ranking file actually is (a manifest may name one outside the run)."""
+    source = _ranking_file(job)
+    folders = [run.layout.results_dir(mid)] + ([source.parent] if source and source.parent.name == mid else [])
+    return any(job_state(folder).done for folder in folders)
 
 
 @dataclass
@@ -131,7 +144,7 @@ def sort_by_inputs(run: RunPlan, todo: list[Job], queued: dict[str, str]) -> Inp
         wait: list[str] = []
         lacking = []
         for mid in input_ids(job):
-            if job_state(run.layout.results_dir(mid)).done:
+            if _input_done(run, job, mid):
                 continue
             if mid in queued:
                 wait.append(queued[mid])
