@@ -61,6 +61,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "seeds then share the pool, not the windows")
     g.add_argument("--shard", default=None, metavar="I/N",
                    help="score only slice I of N of the calibration windows (sum them with esa reduce)")
+    g.add_argument("--activation-checkpointing", action="store_true", default=None,
+                   help="first-order gradient metrics: recompute each decoder block's activations in backward "
+                        "(less memory, same scores)")
     g.add_argument("--seed", type=int, default=None, help="seed (calibration windows, probes) (default: 0)")
     g.add_argument("--seeds", type=seed_list, default=None, metavar="S1,S2,...",
                    help="run once per seed into OUT/seed_<s>/ (overrides --seed)")
@@ -94,6 +97,7 @@ def manifest_of(args: argparse.Namespace, seed: int, out_dir: str):  # type: ign
         metric={"name": args.metric, **given(probes=args.probes, include=args.include, exclude=args.exclude,
                                              candidates=args.candidates, max_exact_coords=args.max_exact_coords)},
         ranking=given(mode=args.mode, topk=args.topk), **given(shard=args.shard),
+        parallel=given(activation_checkpointing=args.activation_checkpointing),
         outputs=given(save_scores=args.save_scores, score_dtype=args.score_dtype, compression=args.compression,
                       export_topk_csv=args.export_topk_csv, export_stats=args.export_stats,
                       save_plots=args.save_plots))

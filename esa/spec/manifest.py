@@ -221,11 +221,16 @@ class Resources:
 
 @dataclass(frozen=True)
 class Parallel:
-    """How many ranks run the job (torch.distributed, FSDP2). Not part of the id: a sharded run
-    equals an unsharded one with the same global batch."""
+    """How the job runs: how many ranks (torch.distributed, FSDP2), and whether activations are
+    recomputed. Not part of the id: neither changes the results (a sharded run equals an unsharded
+    one with the same global batch)."""
 
     nodes: int = spec_field(1, "Nodes of the job.", minimum=1)
     gpus_per_node: int = spec_field(1, "Ranks (GPUs) per node.", minimum=1)
+    activation_checkpointing: bool = spec_field(
+        False, "Phase 2, first-order gradient metrics: recompute each decoder block's activations in "
+        "backward instead of keeping them (less memory, about one more forward pass of time; same scores).",
+        phases=(2,))
 
     @property
     def world_size(self) -> int:
@@ -259,8 +264,8 @@ class Manifest:
     outputs: Outputs = spec_field(doc="Where results go, and which optional files to write.")
     resources: Resources | None = spec_field(None, "Slurm resources (plans keep them per phase). Not part of "
                                              "the id.")
-    parallel: Parallel = spec_field(Parallel(), "Ranks that run the job under torch.distributed (FSDP2). "
-                                    "Not part of the id.")
+    parallel: Parallel = spec_field(Parallel(), "Ranks that run the job under torch.distributed (FSDP2), and "
+                                    "activation checkpointing. Not part of the id.")
 
     def __post_init__(self) -> None:
         if self.phase not in (0, self.PHASE):
