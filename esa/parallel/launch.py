@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = ["DistEnv", "detect_env", "expand_nodelist"]
 
@@ -25,7 +26,7 @@ class DistEnv:
     local_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
-    launcher: str = "single"  # single | torchrun | slurm | env (RANK/WORLD_SIZE set by hand)
+    launcher: str = "single"  # single | torchrun | slurm | submitit-local | env (RANK/WORLD_SIZE by hand)
 
     @property
     def distributed(self) -> bool:
@@ -51,6 +52,14 @@ def expand_nodelist(nodelist: str) -> list[str]:
     return hosts
 
 
+def _launcher(env: Any) -> str:
+    if "TORCHELASTIC_RUN_ID" in env:
+        return "torchrun"
+    if "SLURM_PROCID" in env:
+        return "slurm"
+    return "submitit-local" if "SUBMITIT_LOCAL_JOB_ID" in env else "env"
+
+
 def detect_env(environ: dict[str, str] | None = None) -> DistEnv:
     """The launcher's description of this process (torchrun's variables win over Slurm's)."""
     env = os.environ if environ is None else environ
@@ -58,7 +67,7 @@ def detect_env(environ: dict[str, str] | None = None) -> DistEnv:
         return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
                        env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)),
                        # RANK and WORLD_SIZE also come from submitit's export in a multi-task Slurm job
-                       "torchrun" if "TORCHELASTIC_RUN_ID" in env else "slurm" if "SLURM_PROCID" in env else "env")
+                       _launcher(env))
     ntasks = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
     if "SLURM_PROCID" in env and ntasks > 1:
         nodes = expand_nodelist(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", ""))
