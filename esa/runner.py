@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from esa.core.errors import UserError
 from esa.core.io import read_json
 from esa.core.logs import add_file_log, get_logger
 from esa.core.stop import Preempted
-from esa.parallel.env import distributed_job
+from esa.parallel.env import all_gather_objects, distributed_job
 from esa.parallel.launch import DistEnv
 from esa.results.records import ErrorRecord, JobRecord, write_record
 from esa.spec.manifest import Manifest
@@ -44,16 +45,21 @@ def _run(manifest: Manifest, env: DistEnv) -> dict[str, Any]:
         (out / JobRecord.FILE).unlink(missing_ok=True)
     handler = add_file_log(out / "esa.log") if writer else None
     started = provenance.now_iso()
+    provenance.reset_peak_memory()
+    memory_at_start = provenance.memory_now()
     t0 = time.perf_counter()
     log.info("phase %s job %s -> %s%s", manifest.PHASE, manifest.id, out,
              f" (rank {env.rank} of {env.world_size})" if env.distributed else "")
     try:
         runner = PHASES.load(phase_name(manifest.PHASE))
         summary = runner(manifest, out)
+        memory = all_gather_objects({"rank": env.rank, "host": socket.gethostname(),
+                                     "rss_at_start_bytes": memory_at_start["rss_bytes"], **provenance.memory_now()})
         if writer:
             record = JobRecord(manifest=manifest.to_dict(), status="complete", summary=summary,
                                provenance={**provenance.collect(started), "end_time": provenance.now_iso(),
-                                           "wall_seconds": time.perf_counter() - t0, "launch": _launch(env)})
+                                           "wall_seconds": time.perf_counter() - t0, "launch": _launch(env),
+                                           "memory": memory})
             write_record(out, record)
             (out / ErrorRecord.FILE).unlink(missing_ok=True)  # a rerun that succeeds clears the old failure
         return summary

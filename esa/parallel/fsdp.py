@@ -43,7 +43,9 @@ def is_dtensor(t: Any) -> bool:
 
 
 def wrap_model(model: nn.Module) -> nn.Module:
-    """fully_shard each decoder block, then the root (embeddings, final norm, lm_head).
+    """fully_shard each decoder block, the input embedding and the lm_head (separately, unless they
+    are tied: then they stay in the root unit), then the root (final norm and what else is left).
+    Separate units keep a large vocabulary's two matrices from being gathered at the same time.
 
     Every unit reshards after forward, the root too: after a no-grad forward its parameters
     are sharded DTensors again (FSDP2's default keeps the root unsharded, and an in-place
@@ -53,6 +55,11 @@ def wrap_model(model: nn.Module) -> nn.Module:
 
     for block in decoder_blocks(model):
         fully_shard(block, reshard_after_forward=True)
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = outputs is not None and inputs is not None and outputs.weight is inputs.weight
+    for unit in ((inputs, outputs) if not tied else ()):
+        if unit is not None:
+            fully_shard(unit, reshard_after_forward=True)
     fully_shard(model, reshard_after_forward=True)
     model.set_reduce_scatter_unused_params(True)  # type: ignore[operator]
     return model

@@ -23,6 +23,8 @@ from esa.results.scorefile import open_score_file, read_scores
 from esa.spec.manifest import Manifest
 
 RUNNER = Path(__file__).with_name("run_manifests.py")
+# llama: everything; mixtral: fused 3-D experts; gpt2: Conv1D weights and a tied lm_head (one FSDP unit).
+ARCHS = ("llama", "mixtral", "gpt2")
 DATA = {"dataset": "builtin", "split": "train", "seq_len": 32, "max_samples": 7, "batch_size": 3}
 MODEL = {"dtype": "fp32", "device": "cpu"}
 PROFILES = {  # name -> (metric, ranking)
@@ -76,7 +78,7 @@ def job_manifests(folder: Path, model: Path, arch: str) -> list[Path]:
 def runs(tiny_model_factory, tmp_path_factory):
     """{arch: (1-rank folder, 2-rank folder)} after running every manifest in both worlds."""
     out = {}
-    for arch in ("llama", "mixtral"):
+    for arch in ARCHS:
         model = tiny_model_factory(arch)
         pair = []
         for world in (1, 2):
@@ -107,7 +109,7 @@ def assert_same_scores(one: Path, two: Path) -> None:
 
 
 @pytest.mark.parametrize("arch,name", [("llama", n) for n in PROFILES] +
-                         [("mixtral", n) for n in PROFILES if n != "grad_squared"])
+                         [(a, n) for a in ARCHS[1:] for n in PROFILES if n != "grad_squared"])
 def test_phase2_scores_and_rankings(runs, arch, name):
     one, two = (f / f"{arch}-{name}" for f in runs[arch])
     assert_same_scores(one, two)
@@ -121,7 +123,7 @@ def test_phase2_scores_and_rankings(runs, arch, name):
     assert json.loads((one / "experiment_manifest.json").read_text())["provenance"]["launch"]["world_size"] == 1
 
 
-@pytest.mark.parametrize("arch", ["llama", "mixtral"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_super_weight_candidates(runs, arch):
     c1, c2 = (json.loads((f / f"{arch}-super_weight" / "super_weights.json").read_text()) for f in runs[arch])
     assert len(c1) == len(c2) > 0
