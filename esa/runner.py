@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ from esa.core.errors import UserError
 from esa.core.io import read_json
 from esa.core.logs import add_file_log, get_logger
 from esa.core.stop import Preempted, Terminated
+from esa.parallel.env import all_gather_objects, broadcast_object, distributed_job
+from esa.parallel.launch import DistEnv
 from esa.results.checksums import file_digests
 from esa.results.jobdir import prepare_job_dir
 from esa.results.records import ErrorRecord, JobRecord, write_record
@@ -32,34 +35,71 @@ def run(manifest: Manifest | dict[str, Any]) -> dict[str, Any]:
         manifest = Manifest.from_dict(manifest)
     if manifest.id is None:
         manifest = manifest.with_id()
+    with distributed_job(manifest.model.device) as env:
+        return _run(manifest, env)
+
+
+def _run(manifest: Manifest, env: DistEnv) -> dict[str, Any]:
+    """Run on this rank; rank 0 alone writes the job's records and esa.log."""
     out = Path(manifest.outputs.dir)
-    finished = prepare_job_dir(out, manifest.id)
-    if finished is not None:
+    writer = env.rank == 0
+    # Rank 0 alone reads and prepares the folder; every rank follows its verdict (skip, refuse, run).
+    verdict = _prepare(out, manifest.id) if writer else None
+    kind, detail = broadcast_object(verdict)
+    if kind == "refused":
+        raise UserError(detail)
+    if kind == "finished":
         log.info("phase %s job %s: %s already holds its complete, verified result; not run again",
                  manifest.PHASE, manifest.id, out)
-        return {**(finished.record.summary if finished.record else {}), "skipped": "already complete"}
-    handler = add_file_log(out / "esa.log")
+        return {**detail, "skipped": "already complete"}
+    handler = add_file_log(out / "esa.log") if writer else None
     started = provenance.now_iso()
+    provenance.reset_peak_memory()
+    memory_at_start = provenance.memory_now()
     t0 = time.perf_counter()
-    log.info("phase %s job %s -> %s", manifest.PHASE, manifest.id, out)
+    log.info("phase %s job %s -> %s%s", manifest.PHASE, manifest.id, out,
+             f" (rank {env.rank} of {env.world_size})" if env.distributed else "")
     try:
         check_inputs(manifest)
         runner = PHASES.load(phase_name(manifest.PHASE))
         summary = runner(manifest, out)
-        # Written last: the record, its complete status and the checksums of every result file.
-        record = JobRecord(manifest=manifest.to_dict(), status="complete", summary=summary,
-                           provenance={**provenance.collect(started), "end_time": provenance.now_iso(),
-                                       "wall_seconds": time.perf_counter() - t0},
-                           files=file_digests(out))
-        write_record(out, record)
-        (out / ErrorRecord.FILE).unlink(missing_ok=True)  # a rerun that succeeds clears the old failure
+        memory = all_gather_objects({"rank": env.rank, "host": socket.gethostname(),
+                                     "rss_at_start_bytes": memory_at_start["rss_bytes"], **provenance.memory_now()})
+        if writer:
+            # Written last: the record, its complete status and the checksums of every result file.
+            record = JobRecord(manifest=manifest.to_dict(), status="complete", summary=summary,
+                               provenance={**provenance.collect(started), "end_time": provenance.now_iso(),
+                                           "wall_seconds": time.perf_counter() - t0, "launch": _launch(env),
+                                           "memory": memory},
+                               files=file_digests(out))
+            write_record(out, record)
+            (out / ErrorRecord.FILE).unlink(missing_ok=True)  # a rerun that succeeds clears the old failure
         return summary
     except BaseException as exc:
-        _write_error(out, manifest, started, exc)
+        if writer:
+            _write_error(out, manifest, started, exc)
         raise
     finally:
-        logging.getLogger("esa").removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            logging.getLogger("esa").removeHandler(handler)
+            handler.close()
+
+
+def _prepare(out: Path, manifest_id: str) -> tuple[str, Any]:
+    """Rank 0's verdict on the output folder (esa.results.jobdir): ("run", None) once it is ready,
+    ("finished", summary) when it holds this job's verified result, ("refused", reason) when unusable."""
+    try:
+        finished = prepare_job_dir(out, manifest_id)
+    except (UserError, OSError) as exc:  # raised on every rank, not on rank 0 alone
+        return "refused", str(exc)
+    if finished is not None:
+        return "finished", dict(finished.record.summary if finished.record else {})
+    return "run", None
+
+
+def _launch(env: DistEnv) -> dict[str, Any]:
+    """How the job ran: launcher and ranks."""
+    return {"launcher": env.launcher, "world_size": env.world_size, "sharded": env.distributed}
 
 
 def check_inputs(manifest: Manifest) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 from esa.core.errors import UserError
 from esa.results.layout import RunLayout
 from esa.results.state import job_state
-from esa.spec.manifest import Manifest, Resources
+from esa.spec.manifest import Manifest, Parallel, Resources
 from esa.spec.plan import Job, ReduceStep
 from jobs.plans import RunPlan, load_plan, write_expanded
 from jobs.slurm import (controller_problem, have_slurm, max_array_size, queue_states, sbatch_error_line,
@@ -249,7 +249,7 @@ def submit_jobs(run: RunPlan, selection: tuple[list[Job], list[Job]], options: O
     record.data["skipped_queued"] = sorted(j.id for j in selection[0] if j.id in queued)
     reduce = [r for r in run.reduce if not job_state(r.out_dir).done and r.id not in queued]
     check_trust_remote_code(todo, options)
-    groups = _groups(run, todo, queued, options, record, say)
+    groups = _chain_groups(run, todo, queued, options, record, say)
     if not any(jobs for _, jobs in groups) and not reduce:
         say("nothing to submit: every manifest of this plan is complete" if not record.data["skipped_queued"]
             else "nothing to submit: every other manifest is complete")
@@ -259,8 +259,8 @@ def submit_jobs(run: RunPlan, selection: tuple[list[Job], list[Job]], options: O
     return _run_here(run, [j for _, jobs in groups for j in jobs], reduce, record, options, say)
 
 
-def _groups(run: RunPlan, todo: list[Job], queued: dict[str, str], options: Options, record: _Record,
-            say: Any) -> list[tuple[str | None, list[Job]]]:
+def _chain_groups(run: RunPlan, todo: list[Job], queued: dict[str, str], options: Options, record: _Record,
+                  say: Any) -> list[tuple[str | None, list[Job]]]:
     """(dependency, jobs) groups to submit: one group, or for phase 3 one per set of queued phase-2
     tasks the jobs wait for (so a failed phase-2 task holds back only its own dependants).
     Phase-3 jobs whose inputs are neither done nor queued are left out, saying which inputs."""
@@ -297,7 +297,9 @@ def _run_here(run: RunPlan, todo: list[Job], reduce: list[ReduceStep], record: _
     if options.dry_run:
         say(f"DRY RUN: would run {len(todo)} manifest(s) {where}:")
         for job in todo:
-            say(f"  python -m esa run {run.manifest_path(job)}")
+            ranks = job.manifest.parallel.world_size
+            launch = f"torchrun --nproc_per_node {ranks} -m esa run" if ranks > 1 else "python -m esa run"
+            say(f"  {launch} {run.manifest_path(job)}  {estimate_line(job)}")
         for step in reduce:
             say(f"  then: esa reduce {len(step.shards)} shards --out-dir {step.out_dir}")
         return record.data
@@ -307,8 +309,7 @@ def _run_here(run: RunPlan, todo: list[Job], reduce: list[ReduceStep], record: _
         outcomes = run_in_process(todo, folder=folder, echo=options.echo, watch=watch)
     else:
         outcomes = run_local(todo, folder=folder, manifest_path=run.manifest_path,
-                             timeout_min=parse_time_minutes(run.resources.time), gpus=run.resources.gpus,
-                             echo=options.echo, watch=watch)
+                             timeout_min=parse_time_minutes(run.resources.time), echo=options.echo, watch=watch)
     record.data[options.executor] = [o.to_record() for o in outcomes]
     failed = {o.job.id for o in outcomes if not o.ok}
     for step in reduce:
@@ -355,56 +356,94 @@ def _slurm_executor(folder: Path, image: str | None) -> Any:
     return submitit.AutoExecutor(folder=str(folder / "%j"), cluster="slurm", **kwargs)
 
 
+def _groups(run: RunPlan, jobs: list[Job]) -> list[tuple[Resources, Parallel, list[Job]]]:
+    """Jobs that need the same resources and layout, in plan order: each group is one set of arrays."""
+    groups: dict[tuple[Resources, Parallel], list[Job]] = {}
+    for job in jobs:
+        groups.setdefault((run.resources_of(job), job.manifest.parallel), []).append(job)
+    return [(res, par, members) for (res, par), members in groups.items()]
+
+
+def slurm_arrays(run: RunPlan, jobs: list[Job], limit: int, dependency: str | None = None
+                 ) -> list[tuple[dict[str, Any], Parallel, list[Job]]]:
+    """(submitit parameters, layout, jobs) of each array: one per chunk of at most `limit` jobs that
+    need the same resources and layout."""
+    name = f"esa-p{run.phase}-{run.experiment}"[:64]
+    return [(slurm_parameters(res, name, dependency, res.array_parallelism, par), par, chunk)
+            for res, par, members in _groups(run, jobs) for chunk in split_arrays(members, limit)]
+
+
+def estimate_line(job: Job) -> str:
+    """The planner's one-line estimate for a job ("planner: n/a (...)" when it cannot size it)."""
+    from esa.planner.manifests import plan_manifest
+    from esa.planner.render import duration, gib
+
+    try:
+        plan = plan_manifest(job.manifest)
+    except UserError as exc:
+        return f"planner: n/a ({str(exc).splitlines()[0][:80]})"
+    fits = "" if plan.fits is None else (", fits" if plan.fits else ", DOES NOT FIT")
+    memory = f" of {gib(plan.gpu_memory_bytes)} GiB" if plan.gpu_memory_bytes else ""
+    time = f", ~{duration(plan.time.seconds)} at MFU {plan.time.mfu:g}" if plan.time else ""
+    return f"planner: {gib(plan.total_bytes)} GiB per {'GPU' if plan.settings['device'] == 'cuda' else 'rank'}" \
+           f"{memory}{fits}{time}"
+
+
+def _layout_text(parallel: Parallel) -> str:
+    return "1 rank" if parallel.world_size == 1 else \
+        f"{parallel.world_size} ranks ({parallel.nodes} node(s) x {parallel.gpus_per_node})"
+
+
 def _submit_slurm(run: RunPlan, groups: list[tuple[str | None, list[Job]]], reduce: list[ReduceStep],
                   record: _Record, options: Options, say: Any) -> dict[str, Any]:
     from jobs.task import EsaTask
 
     limit = max_array_size(options.max_array_size)
     image = options.image if options.image is not None else os.environ.get("ESA_IMAGE") or None
-    chunks = [(dep, chunk) for dep, jobs in groups for chunk in split_arrays(jobs, limit)]
-    parallelism = run.resources.array_parallelism
-    name = f"esa-p{run.phase}-{run.experiment}"[:64]
+    # One set of arrays per dependency group (phase 3: the phase-2 tasks its jobs wait for), split
+    # by resources and layout (slurm_arrays) and at MaxArraySize.
+    arrays = [(dep, params, parallel, chunk) for dep, jobs in groups
+              for params, parallel, chunk in slurm_arrays(run, jobs, limit, dep)]
     # One dependency shared by every array (or none) is recorded once; otherwise each array records its own.
-    shared = {dep for dep, _ in chunks}
+    shared = {dep for dep, *_ in arrays}
     dependency = shared.pop() if len(shared) == 1 else None
-    params = slurm_parameters(run.resources, name, dependency, parallelism)
     data = record.data
     data.update(dependency=dependency, max_array_size=limit, image=image,
-                python=slurm_python(image) or sys.executable, slurm_parameters=params)
+                python=slurm_python(image) or sys.executable)
     if options.dry_run:
-        say(f"DRY RUN: would submit {len(chunks)} array(s) (MaxArraySize {limit}) with {_describe(params)}"
-            + (f" in {image}" if image else ""))
-        for i, (dep, chunk) in enumerate(chunks):
-            say(f"  array {i}: --array=0-{len(chunk) - 1}%{min(parallelism, len(chunk))} ({len(chunk)} tasks)"
-                + (f", {dep}" if dep else ""))
+        say(f"DRY RUN: would submit {len(arrays)} array(s) (MaxArraySize {limit})" + (f" in {image}" if image else ""))
+        for i, (dep, params, parallel, chunk) in enumerate(arrays):
+            throttle = min(params.get("slurm_array_parallelism", len(chunk)), len(chunk))
+            say(f"  array {i}: --array=0-{len(chunk) - 1}%{throttle} ({len(chunk)} tasks, {_layout_text(parallel)}) "
+                f"with {_describe(params)}" + (f", {dep}" if dep else ""))
             for j, job in enumerate(chunk):
-                say(f"    [{j}] {job.id} {run.manifest_path(job)}")
+                say(f"    [{j}] {job.id} {run.manifest_path(job)}  {estimate_line(job)}")
         for step in reduce:
             say(f"  reduce job (afterok on the shard arrays): esa reduce {len(step.shards)} shards "
                 f"--out-dir {step.out_dir}")
         if run.phase == 3 and options.analyze:
             say(f"  aggregation job (afterany): python -m analysis {run.layout.root}"
                 + ("" if analysis_available() else " [skipped: analysis package not present]"))
-        data["arrays"] = [{"job_id": None, "dependency": dep, "tasks": [{"index": j, "manifest_id": job.id}
-                                                                       for j, job in enumerate(c)]}
-                          for dep, c in chunks]
+        data["arrays"] = [{"job_id": None, "dependency": dep, "slurm_parameters": params, "tasks": [
+            {"index": j, "manifest_id": job.id} for j, job in enumerate(chunk)]} for dep, params, _, chunk in arrays]
         return data
 
     array_ids: list[str] = []
     try:
-        for dep, chunk in chunks:
+        for dep, params, parallel, chunk in arrays:
             executor = _slurm_executor(run.layout.submitit_dir, image)
-            executor.update_parameters(**slurm_parameters(run.resources, name, dep, parallelism))
+            executor.update_parameters(**params)
             with contextlib.redirect_stderr(io.StringIO()):  # submitit echoes a failed sbatch's stderr
                 submitted = executor.map_array(EsaTask(), [str(run.manifest_path(job).resolve()) for job in chunk])
             array_id = submitted[0].job_id.split("_")[0]
             array_ids.append(array_id)
             # submitit sends a one-item map as a plain job (id "123"), longer ones as an array ("123_4")
-            data["arrays"].append({"job_id": array_id, "dependency": dep, "tasks": [
+            data["arrays"].append({"job_id": array_id, "dependency": dep, "slurm_parameters": params, "tasks": [
                 {"index": j, "job": str(s.job_id), "manifest_id": job.id, "manifest": str(run.manifest_path(job))}
                 for j, (job, s) in enumerate(zip(chunk, submitted))]})
             record.save()  # ids are on disk before anything else can fail
-            say(f"submitted array {array_id}: {len(chunk)} tasks (throttle {min(parallelism, len(chunk))})"
+            throttle = min(params.get("slurm_array_parallelism", len(chunk)), len(chunk))
+            say(f"submitted array {array_id}: {len(chunk)} tasks of {_layout_text(parallel)} (throttle {throttle})"
                 + (f", {dep}" if dep else ""))
     except _submission_errors() as exc:
         if array_ids:
@@ -451,14 +490,20 @@ def _submit_command(run: RunPlan, name: str, command: list[str], dependency: str
     if image and use_image_python:
         command = ["apptainer", "exec", "--nv", image, "python", *command[1:]]
     executor = _slurm_executor(run.layout.submitit_dir, None)
-    params = slurm_parameters(dataclasses.replace(run.resources, gpus=0, cpus=1), name, dependency)
+    # A CPU job: no GPU, one CPU; what the plan leaves to the planner gets the cluster's default memory
+    # and four hours.
+    plain = dataclasses.replace(run.resources, gpus=0, cpus=1, mem=None if run.resources.mem == "auto" else
+                                run.resources.mem, time="04:00:00" if run.resources.time == "auto" else
+                                run.resources.time)
+    params = slurm_parameters(plain, name, dependency)
     executor.update_parameters(**params)
     job = executor.submit(submitit.helpers.CommandFunction(command, verbose=True))
     return str(job.job_id)
 
 
 def _describe(params: dict[str, Any]) -> str:
-    keep = {k: v for k, v in params.items() if k not in ("name", "nodes", "tasks_per_node", "slurm_teardown")}
+    keep = {k: v for k, v in params.items() if k not in ("name", "nodes", "tasks_per_node", "slurm_teardown",
+                                                         "slurm_array_parallelism", "slurm_srun_args")}
     return ", ".join(f"{k}={v}" for k, v in keep.items())
 
 

@@ -73,7 +73,12 @@ class EsaTask(submitit.helpers.Checkpointable):
             raise UserError("EsaTask needs a manifest")
         scheduler = _scheduler()
         if scheduler != "none":
-            setup_logging("INFO")  # in process, the caller (the esa command) has set logging up
+            env = _join_ranks()
+            setup_logging("INFO", rank=env.rank)  # in process, the caller (the esa command) has set logging up
+        else:
+            from esa.parallel.launch import detect_env
+
+            env = detect_env()
         # The one place the cluster's signals are routed to esa. submitit bound USR2 to
         # "checkpoint the callable and requeue now", which would kill the batch in flight and lose
         # it, and TERM to "ignore" (so scancel / scontrol requeue lost everything since the last
@@ -87,12 +92,15 @@ class EsaTask(submitit.helpers.Checkpointable):
         try:
             summary = run(target) if isinstance(target, Manifest) else run_file(target)
         except stop.Preempted:
-            if stop.terminated():
-                # SIGTERM: the checkpoint is saved; this attempt ends. `scontrol requeue` requeues the
-                # task by itself, a cancelled one stays cancelled until `make resubmit` resumes it.
+            if _terminated():
+                # SIGTERM: the checkpoint is saved; this attempt ends (every rank). `scontrol requeue`
+                # requeues the task by itself, a cancelled one stays cancelled until `make resubmit`
+                # resumes it.
                 print(f"[esa-jobs] terminated by SIGTERM: checkpoint saved; exit {stop.EXIT_TERMINATED}",
                       file=sys.stderr, flush=True)
                 raise SystemExit(stop.EXIT_TERMINATED) from None
+            if scheduler == "slurm" and env.rank > 0:
+                raise SystemExit(0) from None  # rank 0 requeues the whole job; its checkpoint holds every rank's part
             if scheduler == "slurm":
                 self._requeue_on_slurm()
             if scheduler == "local":
@@ -132,6 +140,28 @@ class EsaTask(submitit.helpers.Checkpointable):
         print(f"[esa-jobs] pre-empted: checkpoint saved, task {task} requeued", file=sys.stderr, flush=True)
         # Exit 0, not 75: the task is already requeued; 75 would make the teardown requeue again.
         raise SystemExit(0)
+
+
+def _terminated() -> bool:
+    """Whether SIGTERM stopped the job, as every rank of a sharded job sees it: the ranks stopped at
+    the same batch, and one that got SIGTERM makes them all end rather than one of them requeue."""
+    from esa.core import stop
+    from esa.parallel.env import any_rank
+
+    return any_rank(stop.terminated())
+
+
+def _join_ranks() -> Any:
+    """This task's place in a job of several tasks (Slurm srun or submitit's local controller): submitit's
+    TorchDistributedEnvironment exports RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous address, which
+    esa.parallel reads. One task: nothing to export."""
+    from esa.parallel.launch import detect_env
+
+    job = submitit.JobEnvironment()
+    if job.num_tasks > 1:
+        # Each task keeps every GPU of its node visible; esa.parallel picks cuda:LOCAL_RANK.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    return detect_env()
 
 
 def _resuming(target: str | Manifest) -> bool:
