@@ -18,6 +18,7 @@ from esa.data.windows import load_windows
 from esa.inputs import resolve_seq_len, seed_everything
 from esa.model.loading import load_model
 from esa.profile import checkpoint
+from esa.profile.candidates import resolve_candidates
 from esa.profile.finish import finish_scores
 from esa.profile.metrics import MetricOptions, get_metric
 from esa.results.records import ProfileRecord, write_record
@@ -32,8 +33,9 @@ def _metric_options(manifest: ProfileManifest, shard: tuple[int, int]) -> Metric
     spec = manifest.metric
     return MetricOptions(probes=spec.probes, include=list(spec.include) or None, exclude=list(spec.exclude) or None,
                          seed=manifest.seed, max_exact_coords=spec.max_exact_coords,
-                         candidates=list(spec.candidates) or None,
-                         generator=torch.Generator().manual_seed(manifest.seed), keep_accumulators=shard[1] > 1)
+                         candidates=resolve_candidates(spec) or None,
+                         generator=torch.Generator().manual_seed(manifest.seed), keep_accumulators=shard[1] > 1,
+                         per_sample=spec.per_sample, perturbation=spec.perturbation, candidate_shard=shard)
 
 
 def _use_eager_attention(model: Any) -> None:
@@ -105,8 +107,9 @@ def run_profile(manifest: ProfileManifest, out: Path) -> dict[str, Any]:
     if metric.needs_data:
         windows = load_windows(replace(spec, max_samples=None), loaded.tokenizer)
         chosen = select_windows(len(windows.ids), spec.max_samples, spec.pool_size, seed)
-        options.batch_offset = shard_batches(len(chosen), *shard, batch_size)[0]
-        chosen = shard_slice(chosen, *shard, batch_size=batch_size)
+        if metric.shards_data:  # ablation shards its candidates instead
+            options.batch_offset = shard_batches(len(chosen), *shard, batch_size)[0]
+            chosen = shard_slice(chosen, *shard, batch_size=batch_size)
         calib = windows.ids[chosen]
         n_windows = len(calib)
         if n_windows == 0:

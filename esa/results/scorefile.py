@@ -15,6 +15,13 @@ Layout (format ``esa-scores``, version 1)::
     /accumulators/<acc>/<param>   optional additive sums for data shards; attrs of
                       /accumulators hold the counts (e.g. tokens, batches)
     /unscored         UTF-8 strings: parameters the metric does not define a score for
+    /candidates/      optional, sparse scores: the weights a metric scored when it scores a candidate set
+                      (ablation; hessian_diag / obd with candidates), one row each in candidate order:
+                      param, flat_index, index, ndim as in /topk, score float64, value float64 (the weight),
+                      order int64 (position in the job's whole candidate list); columns/<name> float64
+                      (per-row extras, e.g. ablation's delta_nll); attrs: n plus job-level facts (JSON
+                      for non-scalars). A file with save='candidates' has no /scores/ group: its
+                      scores ARE these rows, every other coordinate is unscored (not zero).
 
 The writer builds the file under a temporary name in the destination folder and renames it
 only after ``complete`` is set and the file is closed and synced, so a killed job never
@@ -38,11 +45,11 @@ import numpy as np
 from esa import __version__
 from esa.core.errors import UserError
 from esa.results.records import ResultFileError
-from esa.results.tables import TensorStats, TopK, stats_columns, stats_from_columns
+from esa.results.tables import CandidateScores, TensorStats, TopK, stats_columns, stats_from_columns
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "REQUIRED_ATTRS", "write_score_file", "ScoreFile", "ScoreFileInfo",
            "open_score_file", "check_score_file", "read_topk", "read_scores", "read_stats", "read_accumulators",
-           "read_attrs"]
+           "read_attrs", "read_candidates"]
 
 log = logging.getLogger("esa.results.scorefile")
 
@@ -51,7 +58,7 @@ FORMAT_VERSION = 1
 REQUIRED_ATTRS: tuple[str, ...] = ("metric", "manifest_id", "manifest_json", "model_name",
                                    "model_revision", "model_dtype")
 SCORE_DTYPES = {"float32": np.float32, "float16": np.float16}
-SAVE_MODES = ("full", "topk")
+SAVE_MODES = ("full", "topk", "candidates")
 COMPRESSIONS = (None, "lzf", "gzip")
 # Tensors above this many elements are converted and written slice by slice along their
 # first dimension, so that no second full-size copy is made on the host.
@@ -76,12 +83,14 @@ def write_score_file(
     score_dtype: str = "float32",
     save: str = "full",
     compression: str | None = None,
+    candidates: CandidateScores | None = None,
 ) -> Path:
     """Write ``scores.h5`` atomically and return its path.
 
     ``attrs`` must hold REQUIRED_ATTRS (None is stored as ""; a dict manifest_json is
     serialised); extra scalar/string attributes are kept, anything else is stored as JSON.
-    ``save='topk'`` skips the ``scores/`` group (``scores`` may then be None).
+    ``save='topk'`` skips the ``scores/`` group (``scores`` may then be None); ``candidates``
+    (sparse scores) go to ``candidates/``, and with ``save='candidates'`` they are the only scores.
     """
     if score_dtype not in SCORE_DTYPES:
         raise UserError(f"unknown score dtype {score_dtype!r}; choose float32 or float16")
@@ -94,6 +103,8 @@ def write_score_file(
         raise ValueError(f"score file attrs missing: {', '.join(missing)}")
     if save == "full" and scores is None:
         raise ValueError("save='full' needs the scores")
+    if save == "candidates" and candidates is None:
+        raise ValueError("save='candidates' needs the candidate scores")
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -114,6 +125,8 @@ def write_score_file(
                 _write_topk(f.create_group("bottomk"), bottomk)
             if stats is not None:
                 _write_stats(f.create_group("stats"), stats)
+            if candidates is not None:
+                _write_candidates(f.create_group("candidates"), candidates)
             if accumulators:
                 _write_accumulators(f.create_group("accumulators", track_order=True),
                                     accumulators, counts or {}, compression)
@@ -226,6 +239,40 @@ def _write_topk(group: h5py.Group, topk: TopK) -> None:
     group.attrs["largest"] = bool(topk.largest)
 
 
+def _write_index_columns(group: h5py.Group, param: list[str], index: list[tuple[int, ...]]) -> None:
+    n = len(param)
+    ndims = np.array([len(ix) for ix in index], dtype=np.int8)
+    max_ndim = max(1, int(ndims.max()) if n else 1)
+    padded = np.full((n, max_ndim), -1, dtype=np.int64)
+    for i, ix in enumerate(index):
+        padded[i, : len(ix)] = ix
+    group.create_dataset("param", data=np.array(param, dtype=object), dtype=_STR)
+    group.create_dataset("index", data=padded)
+    group.create_dataset("ndim", data=ndims)
+
+
+def _read_index(group: h5py.Group) -> list[tuple[int, ...]]:
+    ndim = group["ndim"][()]
+    index_arr = group["index"][()]
+    return [tuple(int(v) for v in index_arr[i, : ndim[i]]) for i in range(len(ndim))]
+
+
+def _write_candidates(group: h5py.Group, table: CandidateScores) -> None:
+    _write_index_columns(group, table.param, table.index)
+    group.create_dataset("flat_index", data=table.flat_index.astype(np.int64))
+    group.create_dataset("score", data=table.score.astype(np.float64))
+    group.create_dataset("value", data=table.value.astype(np.float64))
+    group.create_dataset("order", data=table.order.astype(np.int64))
+    cols = group.create_group("columns", track_order=True)
+    for name, col in table.columns.items():
+        _check_name(name)
+        cols.create_dataset(name, data=col.astype(np.float64))
+    group.attrs["n"] = len(table)
+    group.attrs["csv_name"] = table.csv_name or ""
+    for key, val in table.attrs.items():
+        group.attrs[key] = _attr_value(key, val)
+
+
 def _write_stats(group: h5py.Group, stats: list[TensorStats]) -> None:
     for col, vals in stats_columns(stats).items():
         if col == "name":
@@ -314,6 +361,9 @@ class ScoreFile:
     def scores(self, names: Iterable[str] | None = None,
                as_torch: bool = False) -> dict[str, Any]:
         """Score tensors in their stored dtype (all, or ``names``), as numpy or torch."""
+        if "scores" not in self._f and "candidates" in self._f:
+            raise ResultFileError(f"{self.path} holds the scores of its candidate weights only (candidates/); "
+                                  "read them with candidates()")
         if "scores" not in self._f:
             raise ResultFileError(f"{self.path} holds only the top-k (it was written with "
                             "save-scores=topk); re-run with save-scores=full for all scores")
@@ -340,6 +390,22 @@ class ScoreFile:
             index=index, score=g["score"][()], rank=g["rank"][()], value=g["value"][()],
             mode=_s(g.attrs["mode"]), largest=bool(g.attrs["largest"]), k=int(g.attrs["k"]),
         )
+
+    def has_candidates(self) -> bool:
+        """Whether the file holds sparse candidate scores (``candidates/``)."""
+        return "candidates" in self._f
+
+    def candidates(self) -> CandidateScores:
+        """The sparse candidate scores (``candidates/``), in candidate order; attrs as stored
+        (strings that were JSON come back as written: decode them with json.loads)."""
+        if "candidates" not in self._f:
+            raise ResultFileError(f"{self.path} holds no candidate scores (candidates/)")
+        g = self._f["candidates"]
+        attrs = {k: _plain(v) for k, v in g.attrs.items() if k not in ("n", "csv_name")}
+        return CandidateScores([_s(p) for p in g["param"][()]], g["flat_index"][()], _read_index(g),
+                               g["score"][()], g["value"][()], g["order"][()],
+                               {k: g["columns"][k][()] for k in g["columns"].keys()}, attrs,
+                               _s(g.attrs.get("csv_name", "")) or None)
 
     def stats(self) -> list[TensorStats]:
         """Per-tensor statistics (empty list when the file has none)."""
@@ -409,6 +475,12 @@ def read_scores(path: str | os.PathLike, names: Iterable[str] | None = None,
         return sf.scores(names, as_torch=as_torch)
 
 
+def read_candidates(path: str | os.PathLike) -> CandidateScores:
+    """The sparse candidate scores of a score file."""
+    with ScoreFile(path) as sf:
+        return sf.candidates()
+
+
 def read_stats(path: str | os.PathLike) -> list[TensorStats]:
     """Per-tensor statistics of a score file."""
     with ScoreFile(path) as sf:
@@ -431,6 +503,7 @@ class ScoreFileInfo:
     has_topk: bool
     has_bottomk: bool
     has_scores: bool
+    has_candidates: bool = False
 
 
 def check_score_file(path: str | os.PathLike) -> ScoreFileInfo:
@@ -444,4 +517,4 @@ def check_score_file(path: str | os.PathLike) -> ScoreFileInfo:
         except (OSError, KeyError, ValueError) as exc:  # damaged metadata inside a valid header
             raise ResultFileError(f"{sf.path} metadata is unreadable ({exc})") from None
         return ScoreFileInfo(attrs, manifest if isinstance(manifest, dict) else None,
-                             "topk" in sf.h5, "bottomk" in sf.h5, "scores" in sf.h5)
+                             "topk" in sf.h5, "bottomk" in sf.h5, "scores" in sf.h5, "candidates" in sf.h5)

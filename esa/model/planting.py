@@ -28,15 +28,13 @@ from dataclasses import dataclass
 import torch
 
 from esa.core.errors import UserError
+from esa.model.blocks import decoder_blocks
 from esa.spec.weights import format_weight
 
 __all__ = ["plant_super_weight", "find_mlp", "MLPLayout", "DEFAULT_RELATIVE_MAGNITUDE"]
 
 # Default V as a multiple of the largest |W| of the down projection (as in issue #4).
 DEFAULT_RELATIVE_MAGNITUDE = 1e4
-
-# Where decoder blocks live in the supported architectures.
-_BLOCK_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers")
 
 
 @dataclass
@@ -61,18 +59,6 @@ class MLPLayout:
         return (col, row) if self.down_transposed else (row, col)
 
 
-def _blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
-    for path in _BLOCK_PATHS:
-        try:
-            blocks = model.get_submodule(path)
-        except AttributeError:
-            continue
-        if isinstance(blocks, torch.nn.ModuleList):
-            return blocks
-    raise UserError(f"cannot find the decoder blocks of {type(model).__name__} "
-                    f"(looked for {', '.join(_BLOCK_PATHS)})")
-
-
 def _linear_rows(linear: torch.nn.Module, offset: int = 0) -> list[tuple[torch.Tensor, int, int]]:
     out = [(linear.weight, 0, offset)]
     if getattr(linear, "bias", None) is not None:
@@ -82,7 +68,7 @@ def _linear_rows(linear: torch.nn.Module, offset: int = 0) -> list[tuple[torch.T
 
 def find_mlp(model: torch.nn.Module, layer: int) -> MLPLayout:
     """Locate the MLP of block ``layer`` and describe its neuron layout."""
-    blocks = _blocks(model)
+    blocks = decoder_blocks(model)
     if not 0 <= layer < len(blocks):
         raise UserError(f"layer {layer} out of range: the model has {len(blocks)} blocks")
     mlp = getattr(blocks[layer], "mlp", None)
