@@ -10,7 +10,8 @@ from esa.core.errors import UserError
 from esa.core.logs import get_logger
 from esa.data.windows import Windows, load_windows
 from esa.model.loading import LoadedModel, load_model, max_positions
-from esa.spec.manifest import DataSpec, Manifest
+from esa.parallel.env import sharded
+from esa.spec.manifest import DataSpec, Manifest, ModelSpec
 
 log = get_logger("inputs")
 
@@ -36,9 +37,18 @@ def resolve_seq_len(spec: DataSpec, model: object) -> DataSpec:
     return spec
 
 
+def load_for_job(spec: ModelSpec) -> LoadedModel:
+    """The model of a job: sharded over the ranks when the job has several (FSDP2), else whole."""
+    if sharded():
+        from esa.parallel.fsdp import load_sharded
+
+        return load_sharded(spec)
+    return load_model(spec)
+
+
 def load_model_and_windows(manifest: Manifest) -> tuple[LoadedModel, Windows]:
     """Model and tokenised windows of a manifest."""
-    loaded = load_model(manifest.model)
+    loaded = load_for_job(manifest.model)
     spec = resolve_seq_len(manifest.data, loaded.model)
     windows = load_windows(spec, loaded.tokenizer)
     log.info("data: %s windows of %d tokens (%s of %d available)", windows.ids.shape[0], spec.seq_len,

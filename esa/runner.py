@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ from esa.core.errors import UserError
 from esa.core.io import read_json
 from esa.core.logs import add_file_log, get_logger
 from esa.core.stop import Preempted
+from esa.parallel.env import all_gather_objects, distributed_job
+from esa.parallel.launch import DistEnv
 from esa.results.records import ErrorRecord, JobRecord, write_record
 from esa.spec.manifest import Manifest
 from esa.spec.names import PHASES, phase_name
@@ -28,29 +31,51 @@ def run(manifest: Manifest | dict[str, Any]) -> dict[str, Any]:
         manifest = Manifest.from_dict(manifest)
     if manifest.id is None:
         manifest = manifest.with_id()
+    with distributed_job(manifest.model.device) as env:
+        return _run(manifest, env)
+
+
+def _run(manifest: Manifest, env: DistEnv) -> dict[str, Any]:
+    """Run on this rank; rank 0 alone writes the job's records and esa.log."""
     out = Path(manifest.outputs.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    # A previous run's record must not vouch for this one: it is written again only on success.
-    (out / JobRecord.FILE).unlink(missing_ok=True)
-    handler = add_file_log(out / "esa.log")
+    writer = env.rank == 0
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+        # A previous run's record must not vouch for this one: it is written again only on success.
+        (out / JobRecord.FILE).unlink(missing_ok=True)
+    handler = add_file_log(out / "esa.log") if writer else None
     started = provenance.now_iso()
+    provenance.reset_peak_memory()
+    memory_at_start = provenance.memory_now()
     t0 = time.perf_counter()
-    log.info("phase %s job %s -> %s", manifest.PHASE, manifest.id, out)
+    log.info("phase %s job %s -> %s%s", manifest.PHASE, manifest.id, out,
+             f" (rank {env.rank} of {env.world_size})" if env.distributed else "")
     try:
         runner = PHASES.load(phase_name(manifest.PHASE))
         summary = runner(manifest, out)
-        record = JobRecord(manifest=manifest.to_dict(), status="complete", summary=summary,
-                           provenance={**provenance.collect(started), "end_time": provenance.now_iso(),
-                                       "wall_seconds": time.perf_counter() - t0})
-        write_record(out, record)
-        (out / ErrorRecord.FILE).unlink(missing_ok=True)  # a rerun that succeeds clears the old failure
+        memory = all_gather_objects({"rank": env.rank, "host": socket.gethostname(),
+                                     "rss_at_start_bytes": memory_at_start["rss_bytes"], **provenance.memory_now()})
+        if writer:
+            record = JobRecord(manifest=manifest.to_dict(), status="complete", summary=summary,
+                               provenance={**provenance.collect(started), "end_time": provenance.now_iso(),
+                                           "wall_seconds": time.perf_counter() - t0, "launch": _launch(env),
+                                           "memory": memory})
+            write_record(out, record)
+            (out / ErrorRecord.FILE).unlink(missing_ok=True)  # a rerun that succeeds clears the old failure
         return summary
     except BaseException as exc:
-        _write_error(out, manifest, started, exc)
+        if writer:
+            _write_error(out, manifest, started, exc)
         raise
     finally:
-        logging.getLogger("esa").removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            logging.getLogger("esa").removeHandler(handler)
+            handler.close()
+
+
+def _launch(env: DistEnv) -> dict[str, Any]:
+    """How the job ran: launcher and ranks."""
+    return {"launcher": env.launcher, "world_size": env.world_size, "sharded": env.distributed}
 
 
 def _error_kind(exc: BaseException) -> str:

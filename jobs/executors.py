@@ -108,8 +108,9 @@ def run_in_process(jobs: Sequence[Job], *, folder: Path, echo: bool = True) -> l
 
 def run_local(jobs: Sequence[Job], *, folder: Path, manifest_path: Callable[[Job], Path] | None = None,
               timeout_min: float = LOCAL_DEFAULT_TIMEOUT_MIN, signal_delay_s: int = LOCAL_SIGNAL_DELAY_S,
-              gpus: int = 0, echo: bool = True) -> list[Outcome]:
-    """Run the jobs one after another, each in its own process, through submitit's local executor.
+              echo: bool = True) -> list[Outcome]:
+    """Run the jobs one after another, each in its own process (a sharded job: one process per rank,
+    `parallel.gpus_per_node` tasks on this one machine), through submitit's local executor.
 
     `manifest_path(job)` names the job's manifest file when it has one (plans); otherwise the
     typed manifest itself is handed over."""
@@ -119,14 +120,20 @@ def run_local(jobs: Sequence[Job], *, folder: Path, manifest_path: Callable[[Job
     from jobs.task import MAX_REQUEUES, EsaTask
 
     executor = submitit.LocalExecutor(folder=str(folder / "%j"), max_num_timeout=MAX_REQUEUES)
-    executor.update_parameters(timeout_min=timeout_min, signal_delay_s=signal_delay_s, gpus_per_node=gpus)
 
     def one(job: Job) -> Outcome:
         t0 = time.perf_counter()
+        parallel, resources = job.manifest.parallel, job.manifest.resources
+        if parallel.nodes > 1:
+            return Outcome(job, "failed", f"the local executor runs on one machine; this job asks for "
+                                          f"{parallel.nodes} nodes (submit it to Slurm)")
+        gpus = int(resources.gpus) if resources is not None and resources.gpus != "auto" else 0
+        executor.update_parameters(timeout_min=timeout_min, signal_delay_s=signal_delay_s,
+                                   tasks_per_node=parallel.gpus_per_node, gpus_per_node=gpus * parallel.gpus_per_node)
         target: Any = str(manifest_path(job)) if manifest_path is not None else job.manifest
         sub = executor.submit(EsaTask(), target)
         try:
-            sub.result()
+            sub.results()  # one result per task (rank)
             state, message = "done", ""
         except UncompletedJobError as exc:  # FailedJobError too: the task raised, or was killed
             state, message = "failed", _last_error_line(str(exc))

@@ -8,6 +8,7 @@ anything is written. Files (see esa.results.layout): ``RUN/manifests/<id>.json``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -42,6 +43,10 @@ class RunPlan:
         """RUN/manifests/<id>.json of a job."""
         return self.layout.manifest_path(job.id)
 
+    def resources_of(self, job: Job) -> Resources:
+        """The job's own resources (per model, planned), else the phase's."""
+        return job.manifest.resources or self.resources
+
 
 def _bind(plan: Plan, runs: str | Path | None, model_map: Mapping[str, str] | None,
           phase2: Plan | None = None) -> RunPlan:
@@ -49,8 +54,19 @@ def _bind(plan: Plan, runs: str | Path | None, model_map: Mapping[str, str] | No
     expansion = expand(plan, layout.results_dir, model_map, phase2)
     for job in expansion.jobs:
         layout.ensure_inside(job.out_dir)
-    return RunPlan(plan.path, plan.phase, plan.name, layout, plan.resources, expansion.jobs, expansion.reduce,
-                   expansion.notes)
+    jobs = [_with_planned_resources(job) for job in expansion.jobs]
+    by_id = {j.id: j for j in jobs}
+    reduce = [dataclasses.replace(r, shards=tuple(by_id.get(s.id, s) for s in r.shards)) for r in expansion.reduce]
+    return RunPlan(plan.path, plan.phase, plan.name, layout, plan.resources, jobs, reduce, expansion.notes)
+
+
+def _with_planned_resources(job: Job) -> Job:
+    """The job with its "auto" resources (and layout) filled by the planner (the id does not change:
+    where and how a job runs is not part of it)."""
+    from esa.planner.manifests import fill_auto_resources
+
+    manifest, _ = fill_auto_resources(job.manifest)
+    return job if manifest is job.manifest else dataclasses.replace(job, manifest=manifest)
 
 
 def load_plan(path: str | Path, *, runs: str | Path | None = None,

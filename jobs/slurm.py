@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from esa.core.errors import UserError
-from esa.spec.manifest import Resources
+from esa.spec.manifest import Parallel, Resources
 
 DEFAULT_MAX_ARRAY_SIZE = 1001  # Slurm's default when scontrol cannot be asked
 
@@ -124,12 +124,18 @@ def parse_mem_gb(value: Any) -> float | None:
 
 
 def slurm_parameters(resources: Resources, name: str, dependency: str | None = None,
-                     parallelism: int | None = None) -> dict[str, Any]:
-    """submitit AutoExecutor parameters for a plan's resources."""
+                     parallelism: int | None = None, parallel: Parallel | None = None) -> dict[str, Any]:
+    """submitit AutoExecutor parameters for a job's resources and layout: `parallel.nodes` nodes of
+    `parallel.gpus_per_node` tasks (ranks) each, every task with `resources.gpus` GPUs (srun starts
+    the tasks; esa.parallel finds its rank from Slurm's variables)."""
+    parallel = parallel or Parallel()
+    if resources.auto:
+        raise UserError(f"resources {', '.join(resources.auto)} = \"auto\" must be planned before submission")
     params: dict[str, Any] = {"name": name, "timeout_min": parse_time_minutes(resources.time),
-                              "cpus_per_task": resources.cpus, "nodes": 1, "tasks_per_node": 1}
-    if resources.gpus > 0:
-        params["gpus_per_node"] = resources.gpus
+                              "cpus_per_task": resources.cpus, "nodes": parallel.nodes,
+                              "tasks_per_node": parallel.gpus_per_node}
+    if int(resources.gpus) > 0:
+        params["gpus_per_node"] = int(resources.gpus) * parallel.gpus_per_node
     mem = parse_mem_gb(resources.mem)
     if mem is not None:
         params["mem_gb"] = mem
@@ -140,6 +146,9 @@ def slurm_parameters(resources: Resources, name: str, dependency: str | None = N
         params["slurm_array_parallelism"] = int(parallelism)
     # --requeue: sites may default JobRequeue=0, and the pre-emption path requeues the task.
     extra: dict[str, Any] = {"requeue": True}
+    if parallel.world_size > 1:
+        # A rank that dies ends its peers at once, instead of leaving them in a collective until its timeout.
+        params["slurm_srun_args"] = ["--kill-on-bad-exit=1"]
     if dependency:
         extra["dependency"] = dependency
         extra["kill-on-invalid-dep"] = "yes"  # a failed upstream cancels instead of hanging forever

@@ -25,7 +25,7 @@ from typing import Any
 from esa.core.errors import UserError
 from esa.results.layout import RunLayout
 from esa.results.state import job_state
-from esa.spec.manifest import Manifest, Resources
+from esa.spec.manifest import Manifest, Parallel, Resources
 from esa.spec.plan import Job, ReduceStep
 from jobs.plans import RunPlan, load_plan, write_expanded
 from jobs.slurm import (active_jobs, have_slurm, max_array_size, slurm_parameters, slurm_python, split_arrays)
@@ -146,7 +146,9 @@ def _run_here(run: RunPlan, todo: list[Job], reduce: list[ReduceStep], record: _
     if options.dry_run:
         say(f"DRY RUN: would run {len(todo)} manifest(s) {where}:")
         for job in todo:
-            say(f"  python -m esa run {run.manifest_path(job)}")
+            ranks = job.manifest.parallel.world_size
+            launch = f"torchrun --nproc_per_node {ranks} -m esa run" if ranks > 1 else "python -m esa run"
+            say(f"  {launch} {run.manifest_path(job)}  {estimate_line(job)}")
         for step in reduce:
             say(f"  then: esa reduce {len(step.shards)} shards --out-dir {step.out_dir}")
         return record.data
@@ -155,8 +157,7 @@ def _run_here(run: RunPlan, todo: list[Job], reduce: list[ReduceStep], record: _
         outcomes = run_in_process(todo, folder=folder, echo=options.echo)
     else:
         outcomes = run_local(todo, folder=folder, manifest_path=run.manifest_path,
-                             timeout_min=parse_time_minutes(run.resources.time), gpus=run.resources.gpus,
-                             echo=options.echo)
+                             timeout_min=parse_time_minutes(run.resources.time), echo=options.echo)
     record.data[options.executor] = [o.to_record() for o in outcomes]
     failed = {o.job.id for o in outcomes if not o.ok}
     for step in reduce:
@@ -194,6 +195,44 @@ def _slurm_executor(folder: Path, image: str | None) -> Any:
     return submitit.AutoExecutor(folder=str(folder / "%j"), cluster="slurm", **kwargs)
 
 
+def _groups(run: RunPlan, jobs: list[Job]) -> list[tuple[Resources, Parallel, list[Job]]]:
+    """Jobs that need the same resources and layout, in plan order: each group is one set of arrays."""
+    groups: dict[tuple[Resources, Parallel], list[Job]] = {}
+    for job in jobs:
+        groups.setdefault((run.resources_of(job), job.manifest.parallel), []).append(job)
+    return [(res, par, members) for (res, par), members in groups.items()]
+
+
+def slurm_arrays(run: RunPlan, jobs: list[Job], limit: int, dependency: str | None = None
+                 ) -> list[tuple[dict[str, Any], Parallel, list[Job]]]:
+    """(submitit parameters, layout, jobs) of each array: one per chunk of at most `limit` jobs that
+    need the same resources and layout."""
+    name = f"esa-p{run.phase}-{run.experiment}"[:64]
+    return [(slurm_parameters(res, name, dependency, res.array_parallelism, par), par, chunk)
+            for res, par, members in _groups(run, jobs) for chunk in split_arrays(members, limit)]
+
+
+def estimate_line(job: Job) -> str:
+    """The planner's one-line estimate for a job ("planner: n/a (...)" when it cannot size it)."""
+    from esa.planner.manifests import plan_manifest
+    from esa.planner.render import duration, gib
+
+    try:
+        plan = plan_manifest(job.manifest)
+    except UserError as exc:
+        return f"planner: n/a ({str(exc).splitlines()[0][:80]})"
+    fits = "" if plan.fits is None else (", fits" if plan.fits else ", DOES NOT FIT")
+    memory = f" of {gib(plan.gpu_memory_bytes)} GiB" if plan.gpu_memory_bytes else ""
+    time = f", ~{duration(plan.time.seconds)} at MFU {plan.time.mfu:g}" if plan.time else ""
+    return f"planner: {gib(plan.total_bytes)} GiB per {'GPU' if plan.settings['device'] == 'cuda' else 'rank'}" \
+           f"{memory}{fits}{time}"
+
+
+def _layout_text(parallel: Parallel) -> str:
+    return "1 rank" if parallel.world_size == 1 else \
+        f"{parallel.world_size} ranks ({parallel.nodes} node(s) x {parallel.gpus_per_node})"
+
+
 def _submit_slurm(run: RunPlan, todo: list[Job], reduce: list[ReduceStep], record: _Record, options: Options,
                   say: Any) -> dict[str, Any]:
     from jobs.task import EsaTask
@@ -201,44 +240,43 @@ def _submit_slurm(run: RunPlan, todo: list[Job], reduce: list[ReduceStep], recor
     limit = max_array_size(options.max_array_size)
     dependency = _dependency_for(run, options, say)
     image = options.image if options.image is not None else os.environ.get("ESA_IMAGE") or None
-    chunks = split_arrays(todo, limit)
-    parallelism = run.resources.array_parallelism
-    name = f"esa-p{run.phase}-{run.experiment}"[:64]
-    params = slurm_parameters(run.resources, name, dependency, parallelism)
     data = record.data
     data.update(dependency=dependency, max_array_size=limit, image=image,
-                python=slurm_python(image) or sys.executable, slurm_parameters=params)
+                python=slurm_python(image) or sys.executable)
+    arrays = slurm_arrays(run, todo, limit, dependency)
     if options.dry_run:
-        say(f"DRY RUN: would submit {len(chunks)} array(s) (MaxArraySize {limit}) with {_describe(params)}"
-            + (f" in {image}" if image else ""))
-        for i, chunk in enumerate(chunks):
-            say(f"  array {i}: --array=0-{len(chunk) - 1}%{min(parallelism, len(chunk))} ({len(chunk)} tasks)")
+        say(f"DRY RUN: would submit {len(arrays)} array(s) (MaxArraySize {limit})" + (f" in {image}" if image else ""))
+        for i, (params, parallel, chunk) in enumerate(arrays):
+            throttle = min(params.get("slurm_array_parallelism", len(chunk)), len(chunk))
+            say(f"  array {i}: --array=0-{len(chunk) - 1}%{throttle} ({len(chunk)} tasks, {_layout_text(parallel)}) "
+                f"with {_describe(params)}")
             for j, job in enumerate(chunk):
-                say(f"    [{j}] {job.id} {run.manifest_path(job)}")
+                say(f"    [{j}] {job.id} {run.manifest_path(job)}  {estimate_line(job)}")
         for step in reduce:
             say(f"  reduce job (afterok on the shard arrays): esa reduce {len(step.shards)} shards "
                 f"--out-dir {step.out_dir}")
         if run.phase == 3 and options.analyze:
             say(f"  aggregation job (afterany): python -m analysis {run.layout.root}"
                 + ("" if analysis_available() else " [skipped: analysis package not present]"))
-        data["arrays"] = [{"job_id": None, "tasks": [{"index": j, "manifest_id": job.id}
-                                                     for j, job in enumerate(c)]} for c in chunks]
+        data["arrays"] = [{"job_id": None, "slurm_parameters": params, "tasks": [
+            {"index": j, "manifest_id": job.id} for j, job in enumerate(chunk)]} for params, _, chunk in arrays]
         return data
 
-    executor = _slurm_executor(run.layout.submitit_dir, image)
-    executor.update_parameters(**params)
     array_ids: list[str] = []
-    for chunk in chunks:
+    for params, parallel, chunk in arrays:
+        executor = _slurm_executor(run.layout.submitit_dir, image)
+        executor.update_parameters(**params)
         submitted = executor.map_array(EsaTask(), [str(run.manifest_path(job).resolve()) for job in chunk])
         array_id = submitted[0].job_id.split("_")[0]
         array_ids.append(array_id)
         # submitit sends a one-item map as a plain job (id "123"), longer ones as an array ("123_4")
-        data["arrays"].append({"job_id": array_id, "tasks": [
+        data["arrays"].append({"job_id": array_id, "slurm_parameters": params, "tasks": [
             {"index": j, "job": str(s.job_id), "manifest_id": job.id, "manifest": str(run.manifest_path(job))}
             for j, (job, s) in enumerate(zip(chunk, submitted))]})
-        say(f"submitted array {array_id}: {len(chunk)} tasks (throttle {min(parallelism, len(chunk))})"
+        throttle = min(params.get("slurm_array_parallelism", len(chunk)), len(chunk))
+        say(f"submitted array {array_id}: {len(chunk)} tasks of {_layout_text(parallel)} (throttle {throttle})"
             + (f", {dependency}" if dependency else ""))
-    record.save()  # ids are on disk before anything else can fail
+        record.save()  # ids are on disk before anything else can fail
     for step in reduce:
         job_id = _submit_command(run, f"esa-reduce-{run.experiment}", _reduce_command(step),
                                  "afterok:" + ":".join(array_ids) if array_ids else dependency, image)
@@ -271,14 +309,20 @@ def _submit_command(run: RunPlan, name: str, command: list[str], dependency: str
     if image and use_image_python:
         command = ["apptainer", "exec", "--nv", image, "python", *command[1:]]
     executor = _slurm_executor(run.layout.submitit_dir, None)
-    params = slurm_parameters(dataclasses.replace(run.resources, gpus=0, cpus=1), name, dependency)
+    # A CPU job: no GPU, one CPU; what the plan leaves to the planner gets the cluster's default memory
+    # and four hours.
+    plain = dataclasses.replace(run.resources, gpus=0, cpus=1, mem=None if run.resources.mem == "auto" else
+                                run.resources.mem, time="04:00:00" if run.resources.time == "auto" else
+                                run.resources.time)
+    params = slurm_parameters(plain, name, dependency)
     executor.update_parameters(**params)
     job = executor.submit(submitit.helpers.CommandFunction(command, verbose=True))
     return str(job.job_id)
 
 
 def _describe(params: dict[str, Any]) -> str:
-    keep = {k: v for k, v in params.items() if k not in ("name", "nodes", "tasks_per_node", "slurm_teardown")}
+    keep = {k: v for k, v in params.items() if k not in ("name", "nodes", "tasks_per_node", "slurm_teardown",
+                                                         "slurm_array_parallelism", "slurm_srun_args")}
     return ", ".join(f"{k}={v}" for k, v in keep.items())
 
 

@@ -72,7 +72,12 @@ class EsaTask(submitit.helpers.Checkpointable):
             raise UserError("EsaTask needs a manifest")
         scheduler = _scheduler()
         if scheduler != "none":
-            setup_logging("INFO")  # in process, the caller (the esa command) has set logging up
+            env = _join_ranks()
+            setup_logging("INFO", rank=env.rank)  # in process, the caller (the esa command) has set logging up
+        else:
+            from esa.parallel.launch import detect_env
+
+            env = detect_env()
         # The one place the cluster's warning signals are routed to esa. submitit bound USR2 to
         # "checkpoint the callable and requeue now", which would kill the batch in flight and lose
         # it; esa's handler only sets a flag that the phase-2 loop checks at the next batch
@@ -85,6 +90,8 @@ class EsaTask(submitit.helpers.Checkpointable):
         try:
             summary = run(target) if isinstance(target, Manifest) else run_file(target)
         except stop.Preempted:
+            if scheduler == "slurm" and env.rank > 0:
+                raise SystemExit(0) from None  # rank 0 requeues the whole job; its checkpoint holds every rank's part
             if scheduler == "slurm":
                 self._requeue_on_slurm()
             if scheduler == "local":
@@ -124,6 +131,19 @@ class EsaTask(submitit.helpers.Checkpointable):
         print(f"[esa-jobs] pre-empted: checkpoint saved, task {task} requeued", file=sys.stderr, flush=True)
         # Exit 0, not 75: the task is already requeued; 75 would make the teardown requeue again.
         raise SystemExit(0)
+
+
+def _join_ranks() -> Any:
+    """This task's place in a job of several tasks (Slurm srun or submitit's local controller): submitit's
+    TorchDistributedEnvironment exports RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous address, which
+    esa.parallel reads. One task: nothing to export."""
+    from esa.parallel.launch import detect_env
+
+    job = submitit.JobEnvironment()
+    if job.num_tasks > 1:
+        # Each task keeps every GPU of its node visible; esa.parallel picks cuda:LOCAL_RANK.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    return detect_env()
 
 
 def _resuming(target: str | Manifest) -> bool:

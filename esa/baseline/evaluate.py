@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 from esa.core.errors import NonFiniteLossError
 from esa.core.logs import get_logger, progress
+from esa.parallel.env import rank, world_size
+from esa.parallel.split import all_gather_rows, eval_steps, split_range
 from esa.results.records import EvalFigures
 
 log = get_logger("evaluate")
@@ -32,19 +34,32 @@ def window_sums(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, 
     return nll.view(target.shape).sum(dim=1), hits
 
 
+def perplexity(mean_nll: float) -> float:
+    """exp(mean NLL); inf when a badly damaged model's finite NLL (> ~709 nats) overflows a float."""
+    try:
+        return math.exp(mean_nll)
+    except OverflowError:
+        return math.inf
+
+
 @torch.no_grad()
 def evaluate(model: Any, windows: torch.Tensor, batch_size: int = 4, desc: str = "eval") -> EvalFigures:
     """Evaluate `model` on LongTensor windows [N, T]; NaN/Inf loss raises NonFiniteLossError."""
     device = next(model.parameters()).device
     n, seq_len = windows.shape
-    nll_sums = torch.empty(n, dtype=torch.float64)
-    hit_counts = torch.empty(n, dtype=torch.float64)
-    for start in progress(range(0, n, batch_size), total=math.ceil(n / batch_size), desc=desc):
-        batch = windows[start:start + batch_size].to(device)
+    # Sharded (several ranks): each rank evaluates its contiguous part of the windows, then every
+    # rank gathers all per-window figures in window order. One rank: the whole set, batch by batch.
+    first, last = split_range(n, world_size(), rank())
+    local = torch.zeros(last - first, 2, dtype=torch.float64)
+    steps = list(eval_steps(n, batch_size))
+    for start, stop, real in progress(steps, total=len(steps), desc=desc):
+        batch = windows[start:stop].to(device)
         logits = model(input_ids=batch).logits
-        sums, hits = window_sums(logits, batch)
-        nll_sums[start:start + len(batch)] = sums.double().cpu()
-        hit_counts[start:start + len(batch)] = hits.double().cpu()
+        if real:
+            sums, hits = window_sums(logits, batch)
+            local[start - first:stop - first] = torch.stack([sums.double(), hits.double()], dim=1).cpu()
+    figures = all_gather_rows(local, n)
+    nll_sums, hit_counts = figures[:, 0], figures[:, 1]
     predicted = seq_len - 1
     if not torch.isfinite(nll_sums).all():
         bad = int((~torch.isfinite(nll_sums)).sum())
@@ -52,7 +67,7 @@ def evaluate(model: Any, windows: torch.Tensor, batch_size: int = 4, desc: str =
                                  "outputs are not finite (broken weights, or fp16 overflow: try --dtype bf16/fp32)")
     n_tokens = n * predicted
     mean_nll = float(nll_sums.sum() / n_tokens)
-    result = EvalFigures(nll=mean_nll, ppl=math.exp(mean_nll),
+    result = EvalFigures(nll=mean_nll, ppl=perplexity(mean_nll),
                         token_accuracy=float(hit_counts.sum() / n_tokens), n_tokens=n_tokens,
                         n_windows=n, per_window_nll=(nll_sums / predicted).tolist(),
                         per_window_accuracy=(hit_counts / predicted).tolist())

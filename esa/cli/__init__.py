@@ -46,18 +46,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from esa.core.logs import setup_logging
+    from esa.parallel.launch import detect_env
 
-    setup_logging(getattr(args, "log_level", "INFO"), getattr(args, "quiet", False))
+    env = detect_env()
+    setup_logging(getattr(args, "log_level", "INFO"), getattr(args, "quiet", False), env.rank)
     from esa.core.stop import EXIT_PREEMPTED, Preempted
 
+    # Every rank of a sharded job prints its own one-line outcome; the others' say which rank they are.
+    who = f"esa {args.command}" + (f" (rank {env.rank} of {env.world_size})" if env.rank else "")
     try:
         return int(args.func(args) or 0)
     except Preempted as exc:
-        print(f"esa {args.command}: pre-empted: {exc}", file=sys.stderr)
+        print(f"{who}: pre-empted: {exc}", file=sys.stderr)
         return EXIT_PREEMPTED
     except UserError as exc:
-        print(f"esa {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{who}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"esa {args.command}: interrupted", file=sys.stderr)
+        print(f"{who}: interrupted", file=sys.stderr)
         return 130

@@ -34,7 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"one of {', '.join(_METRICS)} (baseline = phase 1, perturb = phase 3)")
     p.add_argument("--seq-len", type=positive_int, default=None, help="tokens per window; default min(2048, context)")
     p.add_argument("--batch-size", type=positive_int, default=None,
-                   help="windows per forward pass per GPU (default 1 for metrics, 4 for baseline/perturb)")
+                   help="the job's batch (data.batch_size): windows per step, split over the GPUs of a sharded "
+                        "layout (default 1 for metrics, 4 for baseline/perturb)")
     p.add_argument("--dtype", default=None, choices=["auto", "bf16", "fp16", "fp32"], help="model dtype (default bf16)")
     p.add_argument("--attention", default=None, choices=["auto", "eager", "sdpa", "flash_attention_2"],
                    help="attention kernel (default sdpa; second-order metrics use eager)")

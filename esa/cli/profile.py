@@ -73,6 +73,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--shard", default=None, metavar="I/N",
                    help="score only slice I of N of the calibration windows (sum them with esa reduce); "
                         "ablation: slice I of N of its candidates (esa reduce merges them)")
+    g.add_argument("--activation-checkpointing", action="store_true", default=None,
+                   help="first-order gradient metrics: recompute each decoder block's activations in backward "
+                        "(less memory, same scores)")
     g.add_argument("--seed", type=int, default=None, help="seed (calibration windows, probes) (default: 0)")
     g.add_argument("--seeds", type=seed_list, default=None, metavar="S1,S2,...",
                    help="run once per seed into OUT/seed_<s>/ (overrides --seed)")
@@ -93,6 +96,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="write per-tensor sensitivity_stats.{csv,json}" + default(Outputs, "export_stats"))
     o.add_argument("--save-plots", action="store_true", default=None, help="write PNG plots into OUT/plots/")
     o.add_argument("--experiment", default=None, help="experiment name recorded in the manifest")
+    o.add_argument("--dry-run", action="store_true",
+                   help="run nothing: print each job's id and folder and the planner's memory and time estimate "
+                        "(for this launch's ranks; with --gpu-memory, whether it fits)")
+    o.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                   help="with --dry-run: the GPU size to check the plan against, e.g. 80G")
     add_perturbation_flags(p)
     add_logging_flags(p)
     p.set_defaults(func=run)
@@ -141,6 +149,7 @@ def manifest_of(args: argparse.Namespace, seed: int, out_dir: str):  # type: ign
                                              perturbation=ablate_section(args.ablate, args.ablate_param)),
                 **candidate_flags(args.candidates)},
         ranking=given(mode=args.mode, topk=args.topk), **given(shard=args.shard),
+        parallel=given(activation_checkpointing=args.activation_checkpointing),
         outputs=given(save_scores=args.save_scores, score_dtype=args.score_dtype, compression=args.compression,
                       export_topk_csv=args.export_topk_csv, export_stats=args.export_stats,
                       save_plots=args.save_plots))
@@ -177,6 +186,8 @@ def run(args: argparse.Namespace) -> int:
         if wants_perturbation(args):
             perturb = phase3_manifest_of(args, profile, str(folder / "perturb")).with_id()
             jobs.append(Job(perturb, {"seed": seed, "perturbation": perturb.perturbation.name}, needs=(profile.id,)))
+    if args.dry_run:
+        return _dry_run(jobs, args.gpu_memory)
     outcomes = run_in_process(jobs, folder=out / ".submitit", echo=False)
     for outcome in outcomes:
         if outcome.exception is not None:
@@ -192,4 +203,25 @@ def run(args: argparse.Namespace) -> int:
         summary = write_seed_stability(folders, out / "stability_summary.json")
         if not args.quiet:
             print(json.dumps({k: summary[k] for k in ("num_seeds", "jaccard_mean", "jaccard_std")}))
+    return 0
+
+
+def _dry_run(jobs: list, gpu_memory: str | None) -> int:
+    """Print what would run and what the planner expects of it (torch is not needed)."""
+    import dataclasses
+
+    from esa.core.errors import UserError
+    from esa.parallel.launch import detect_env
+    from esa.planner.manifests import plan_manifest
+    from esa.planner.render import format_plan
+
+    env = detect_env()  # under torchrun the plan is for this launch's ranks
+    for job in jobs:
+        m = job.manifest
+        m = dataclasses.replace(m, parallel=dataclasses.replace(m.parallel, nodes=1, gpus_per_node=env.world_size))
+        print(f"job {m.id} (phase {m.PHASE}) -> {m.outputs.dir}")
+        try:
+            print(format_plan(plan_manifest(m, gpu_memory=gpu_memory), f"this launch: {env.world_size} rank(s)"))
+        except UserError as exc:
+            print(f"planner: n/a ({exc})")
     return 0

@@ -13,21 +13,23 @@ T = TypeVar("T")
 _quiet = False
 
 
-def setup_logging(level: str = "INFO", quiet: bool = False) -> None:
-    """Configure the `esa` logger on stderr; `quiet` keeps warnings and errors only."""
+def setup_logging(level: str = "INFO", quiet: bool = False, rank: int = 0) -> None:
+    """Configure the `esa` logger on stderr; `quiet` keeps warnings and errors only. In a sharded
+    job only rank 0 reports progress; the other ranks print their warnings and errors, tagged."""
     global _quiet
-    _quiet = quiet
+    _quiet = quiet or rank > 0
     logger = logging.getLogger("esa")
-    console_level = logging.WARNING if quiet else getattr(logging, level.upper(), logging.INFO)
+    console_level = logging.WARNING if _quiet else getattr(logging, level.upper(), logging.INFO)
     # The logger passes everything from INFO up; each handler filters for its reader, so a
     # job's esa.log keeps the INFO record even when the console is --quiet.
     logger.setLevel(min(console_level, logging.INFO))
     handler = next((h for h in logger.handlers if getattr(h, "_esa_console", False)), None)
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
         handler._esa_console = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
+    tag = f"[rank {rank}] " if rank else ""
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)-7s {tag}%(message)s", "%H:%M:%S"))
     handler.setLevel(console_level)
     logger.propagate = False
     if "transformers" in sys.modules:  # never imported here: login-node commands stay light

@@ -74,6 +74,44 @@ def _gpus() -> list[dict[str, Any]]:
             for i in range(torch.cuda.device_count())]
 
 
+def reset_peak_memory() -> None:
+    """Start counting this process's peak memory afresh (a job's own peak, not an earlier job's in the
+    same process): Linux's peak RSS (VmHWM) and torch's CUDA peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    if "torch" in sys.modules:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+
+def memory_now() -> dict[str, int | None]:
+    """This process's memory: resident now, peak resident since reset_peak_memory (else since start),
+    and the CUDA allocator's peak (None without a GPU)."""
+    fields = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    if "VmHWM" not in fields:
+        import resource
+
+        fields["VmHWM"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    gpu = None
+    if "torch" in sys.modules:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = int(torch.cuda.max_memory_allocated())
+    return {"rss_bytes": fields.get("VmRSS"), "peak_rss_bytes": fields.get("VmHWM"), "peak_gpu_bytes": gpu}
+
+
 def collect(start_time: str | None = None) -> dict[str, Any]:
     """A provenance record; call again with the same start_time at the end to add end_time."""
     return {

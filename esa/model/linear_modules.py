@@ -253,7 +253,6 @@ def _experts_hook(module: nn.Module, weights: Sequence[LinearWeight],
                   callback: Callable[[Capture], None], want_outputs: bool) -> Callable:
     first = next((w for w in weights if w.kind == "experts_in"), None)
     down = next((w for w in weights if w.kind == "experts_down"), None)
-    gate_up, down_p = _expert_params(module)  # type: ignore[misc]
     transposed = bool(getattr(module, "is_transposed", False))
     has_gate = bool(getattr(module, "has_gate", True))
     has_bias = bool(getattr(module, "has_bias", False))
@@ -266,6 +265,9 @@ def _experts_hook(module: nn.Module, weights: Sequence[LinearWeight],
         return y if b is None else y + b
 
     def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        # The module's parameters as they are during this forward: a sharded model (FSDP2) swaps
+        # its sharded parameters for the gathered full ones around each forward.
+        gate_up, down_p = _expert_params(mod)  # type: ignore[misc]
         hidden = _first_arg(args, kwargs, 0, "hidden_states")
         top_k_index = _first_arg(args, kwargs, 1, "top_k_index")
         hidden = hidden.reshape(-1, hidden.shape[-1])

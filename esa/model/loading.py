@@ -35,7 +35,7 @@ class LoadedModel:
         model's esa_planted.json names, for a model built with a known super weight)."""
         out = {**asdict(self.spec), "resolved_device": str(self.device),
                "resolved_dtype": dtype_name(self.dtype), "source": self.source,
-               "class": type(self.model).__name__,
+               "class": model_class_name(self.model),
                "n_parameters": sum(p.numel() for p in self.model.parameters())}
         planted = Path(self.source) / "esa_planted.json"
         if planted.is_file():
@@ -43,6 +43,11 @@ class LoadedModel:
 
             out["planted"] = json.loads(planted.read_text()).get("weights", [])
         return out
+
+
+def model_class_name(model: Any) -> str:
+    """The model's own class name (FSDP2 wraps the class of a sharded model in a subclass of its own)."""
+    return next(c.__name__ for c in type(model).__mro__ if not c.__module__.startswith("torch.distributed"))
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -129,29 +134,73 @@ def locate_model(spec: ModelSpec) -> str:
     return spec.id
 
 
-def load_model(spec: ModelSpec) -> LoadedModel:
-    """Load model + tokenizer in eval mode on the resolved device and dtype."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _kwargs(spec: ModelSpec) -> dict[str, Any]:
+    if spec.trust_remote_code:
+        log.warning("trust_remote_code is on: the model's own Python code will run")
+    attn = {} if spec.attention == "auto" else {"attn_implementation": spec.attention}
+    return {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code, **attn}
+
+
+def _failed(spec: ModelSpec, exc: Exception) -> UserError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return UserError(f"could not load model '{spec.id}': {first}")
+
+
+def load_tokenizer(spec: ModelSpec, source: str) -> Any:
+    """The model's tokenizer (UserError when it cannot be read)."""
+    from transformers import AutoTokenizer
+
+    kwargs = {k: v for k, v in _kwargs(spec).items() if k != "attn_implementation"}
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _failed(spec, exc) from exc
+
+
+def from_pretrained(spec: ModelSpec, source: str, dtype: torch.dtype) -> Any:
+    """The whole model, on the CPU, in eval mode (UserError when it cannot be read)."""
+    from transformers import AutoModelForCausalLM
 
     quiet_transformers()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **_kwargs(spec))
+    except (OSError, ValueError) as exc:
+        raise _failed(spec, exc) from exc
+    return model.eval()
 
+
+def from_config_on_meta(spec: ModelSpec, source: str, dtype: torch.dtype) -> Any:
+    """The model's structure without weights (on the meta device), in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    quiet_transformers()
+    kwargs = _kwargs(spec)
+    try:
+        config = AutoConfig.from_pretrained(source, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _failed(spec, exc) from exc
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, trust_remote_code=spec.trust_remote_code,
+            **{k: v for k, v in kwargs.items() if k == "attn_implementation"})
+    return model.eval()
+
+
+def check_spec(spec: ModelSpec) -> None:
+    """What a model spec can get wrong before anything is read."""
     if spec.attention not in ATTENTION:
         raise UserError(f"unknown --attention '{spec.attention}'; choose one of {', '.join(ATTENTION)}")
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    """Load model + tokenizer in eval mode on the resolved device and dtype (one process)."""
+    check_spec(spec)
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     source = locate_model(spec)
-    kwargs: dict[str, Any] = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
-    if spec.trust_remote_code:
-        log.warning("trust_remote_code is on: the model's own Python code will run")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        attn = {} if spec.attention == "auto" else {"attn_implementation": spec.attention}
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **attn, **kwargs)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"could not load model '{spec.id}': {first}") from exc
+    tokenizer = load_tokenizer(spec, source)
+    model = from_pretrained(spec, source, dtype)
     model.to(device)
-    model.eval()
     log.info("loaded %s (%s, %s, %s attention) on %s", spec.id, type(model).__name__,
              dtype_name(dtype), getattr(model.config, "_attn_implementation", "?"), device)
     return LoadedModel(model, tokenizer, device, dtype, source, spec)

@@ -33,6 +33,7 @@ import torch
 
 from esa.core.errors import UserError
 from esa.core.logs import get_logger, progress
+from esa.parallel.split import as_local
 from esa.perturb.cached_forward import CachedForward
 from esa.perturb.perturbations import cpu_generator, perturbation_from_spec, perturbed
 from esa.perturb.targets import WeightTarget, resolve_targets
@@ -76,7 +77,7 @@ class Ablation(Metric):
         was_training = model.training
         model.eval()
         try:
-            windows = list(batches)
+            windows = [as_local(b).ids for b in batches]  # one rank: a LocalBatch is the whole batch
             fwd = CachedForward(model, windows)
             rows, starts, checks = self._evaluate(model, fwd, targets, mine, pert, seed)
         finally:

@@ -20,12 +20,14 @@ made either. All draws come from a seeded CPU generator.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 
 from esa.core.errors import UserError
+from esa.parallel.env import broadcast_object
+from esa.parallel.fsdp import gather_to_rank0, is_dtensor
 from esa.perturb.targets import (WeightTarget, check_targets_against_shapes, flat_to_index, numel,
                          param_shapes)
 
@@ -192,14 +194,39 @@ def magnitude_matched(named_params: Any, targets: Sequence[WeightTarget],
     for param, count in counts_per_tensor(targets).items():
         if param not in params:
             raise UserError(f"target tensor {param!r} is not among the model's parameters")
-        tensor = params[param]
         size = max(pool_factor * count, min_pool) + len(excluded[param])
-        pool = magnitude_pool(tensor, size, excluded[param])
-        if clip:
-            count = min(count, pool.numel())
-        if pool.numel() < count:
-            raise UserError(f"cannot draw {count} magnitude-matched controls from {param!r}: "
-                            f"its pool outside the targets holds {pool.numel()} weights")
-        pick = pool[torch.randperm(pool.numel(), generator=generator)[:count]]
-        out.extend(_as_targets(param, pick.tolist(), tuple(tensor.shape)))
+        shape = tuple(params[param].shape)
+        pick = _on_rank0(params[param], lambda t: _draw_from_pool(t, param, count, size, excluded[param],
+                                                                  generator, clip))
+        out.extend(_as_targets(param, pick, shape))
     return out
+
+
+def _draw_from_pool(tensor: torch.Tensor, param: str, count: int, size: int, excluded: set[int],
+                    generator: torch.Generator, clip: bool) -> list[int]:
+    pool = magnitude_pool(tensor, size, excluded)
+    if clip:
+        count = min(count, pool.numel())
+    if pool.numel() < count:
+        raise UserError(f"cannot draw {count} magnitude-matched controls from {param!r}: "
+                        f"its pool outside the targets holds {pool.numel()} weights")
+    return pool[torch.randperm(pool.numel(), generator=generator)[:count]].tolist()
+
+
+def _on_rank0(tensor: torch.Tensor, draw: Callable[[torch.Tensor], list[int]]) -> list[int]:
+    """draw(tensor); for a sharded tensor the whole tensor is gathered on rank 0 (one tensor at a
+    time), drawn from there, and the draw (or its error) is sent to every rank."""
+    if not is_dtensor(tensor):
+        return draw(tensor)
+    full = gather_to_rank0(tensor.detach())
+    answer: tuple[list[int] | None, str | None] = (None, None)
+    if full is not None:
+        try:
+            answer = (draw(full), None)
+        except UserError as exc:
+            answer = (None, str(exc))
+        del full
+    picked, error = broadcast_object(answer)
+    if error is not None:
+        raise UserError(error)
+    return picked  # type: ignore[return-value]

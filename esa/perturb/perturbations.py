@@ -12,6 +12,12 @@ Random draws (noise, which targets and bits to flip) come from a seeded CPU
 ``torch.Generator`` and the arithmetic runs on CPU in float64 before one rounding to the
 stored dtype, so a result does not depend on the device the model sits on.
 
+On an FSDP2-sharded model every rank calls the same function with the same targets and seed:
+the k old values are assembled on every rank (the owner of each coordinate contributes its
+stored bits, the others zeros, summed over the ranks: exact for any bit pattern), every rank
+makes the same draws, and each writes only the coordinates it holds into its local shard (the
+storage the next all-gather reads). Records and results equal the unsharded run's.
+
 Adding a perturbation is one class here, its parameters in esa.spec.params and its entry in
 esa.spec.names.PERTURBATIONS.
 """
@@ -28,6 +34,8 @@ from typing import Any, ClassVar
 import torch
 
 from esa.core.errors import UserError
+from esa.parallel.env import all_sum
+from esa.parallel.fsdp import is_dtensor, local_data, local_index
 from esa.perturb.targets import WeightTarget
 from esa.spec.manifest import PerturbationSpec
 from esa.spec.names import PERTURBATIONS
@@ -216,11 +224,16 @@ def perturbation_from_spec(spec: PerturbationSpec) -> Perturbation:
 class _Group:
     """The targets of one parameter tensor, as applied."""
 
-    data: torch.Tensor  # the parameter's storage: a flat view when contiguous, else as is
+    data: torch.Tensor  # this rank's storage of the parameter: a flat view when contiguous, else as is
     positions: list[int]  # positions of these targets in the target list
-    index: tuple[torch.Tensor, ...]  # LongTensors indexing `data`, on the param's device
-    old: torch.Tensor  # k stored values (CPU, stored dtype)
+    owned: torch.Tensor  # which of the group's targets this rank holds (all of them unsharded)
+    index: tuple[torch.Tensor, ...]  # LongTensors indexing `data` at the owned targets, on its device
+    old: torch.Tensor  # k stored values (CPU, stored dtype), the same on every rank
     new: torch.Tensor  # k new values (CPU, stored dtype)
+
+    def write(self, values: torch.Tensor) -> None:
+        """Write the owned targets' entries of ``values`` (k values) into the storage."""
+        _write(self.data, self.index, values[self.owned])
 
 
 @dataclass
@@ -238,7 +251,7 @@ class AppliedPerturbation:
             return
         with torch.no_grad():
             for g in reversed(self.groups):
-                _write(g.data, g.index, g.old)
+                g.write(g.old)
         self.restored = True
 
     @property
@@ -277,16 +290,37 @@ def _write(data: torch.Tensor, index: tuple[torch.Tensor, ...], values: torch.Te
     data.view(itype)[index] = values.view(itype).to(data.device)
 
 
-def _storage_and_index(param: torch.Tensor, targets: list[WeightTarget]
-                       ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """The tensor to index (a flat view of a contiguous parameter, which also covers 0-D
-    parameters) and the index tensors of the targets in it."""
-    data = param.data
-    if data.is_contiguous():
-        flat = torch.tensor([t.flat_index for t in targets], dtype=torch.int64)
-        return data.view(-1), (flat.to(data.device),)
-    rows = torch.tensor([t.index for t in targets], dtype=torch.int64)
-    return data, tuple(rows[:, d].to(data.device) for d in range(rows.shape[1]))
+def _locate(param: torch.Tensor, targets: list[WeightTarget]
+            ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """(storage, owned, index): the tensor to index (a flat view of a contiguous unsharded
+    parameter, which also covers 0-D ones; a sharded one's local shard), which targets this rank
+    holds, and their index tensors in the storage."""
+    if not is_dtensor(param):
+        data = param.data
+        owned = torch.arange(len(targets))
+        if data.is_contiguous():
+            flat = torch.tensor([t.flat_index for t in targets], dtype=torch.int64)
+            return data.view(-1), owned, (flat.to(data.device),)
+        rows = torch.tensor([t.index for t in targets], dtype=torch.int64)
+        return data, owned, tuple(rows[:, d].to(data.device) for d in range(rows.shape[1]))
+    data = local_data(param)
+    mine = [(j, li) for j, t in enumerate(targets) if (li := local_index(param, t.index)) is not None]
+    owned = torch.tensor([j for j, _ in mine], dtype=torch.int64)
+    rows = torch.tensor([li for _, li in mine], dtype=torch.int64).reshape(len(mine), param.ndim)
+    return data, owned, tuple(rows[:, d].to(data.device) for d in range(param.ndim))
+
+
+def _read_old(param: torch.Tensor, data: torch.Tensor, owned: torch.Tensor,
+              index: tuple[torch.Tensor, ...], k: int) -> torch.Tensor:
+    """The k stored values (CPU), on every rank: a sharded tensor's owners contribute their bits."""
+    values = data[index].to("cpu")
+    if not is_dtensor(param):
+        return values
+    itype = int_view_dtype(param.dtype)
+    bits = torch.zeros(k, dtype=torch.int64)
+    bits[owned] = values.view(itype).to(torch.int64)
+    all_sum(bits)  # one owner per coordinate, zeros elsewhere: the sum is its bit pattern
+    return bits.to(itype).view(param.dtype)  # narrowing keeps the low bits: the original pattern
 
 
 def _named_params(model: Any) -> Mapping[str, torch.Tensor]:
@@ -301,7 +335,8 @@ def apply_perturbation(
     perturbation: Perturbation,
     generator: torch.Generator | None = None,
 ) -> AppliedPerturbation:
-    """Perturb the target weights of ``model`` (a module or a name->tensor mapping) in place.
+    """Perturb the target weights of ``model`` (a module or a name->tensor mapping) in place
+    (a sharded model: on every rank, with the same arguments).
 
     Targets are grouped by tensor (in order of first appearance); random draws follow that
     order, so a seed and a target list give one result on any device (no generator: seed
@@ -331,14 +366,14 @@ def apply_perturbation(
             for name, positions in by_param.items():
                 param = params[name]
                 itype = int_view_dtype(param.dtype)  # refuses integer / exotic dtypes clearly
-                data, index = _storage_and_index(param, [targets[p] for p in positions])
-                old = data[index].to("cpu")
+                data, owned, index = _locate(param, [targets[p] for p in positions])
+                old = _read_old(param, data, owned, index, len(positions))
                 sel = hit[positions]
                 new = old.clone()
                 if bool(sel.any()):
                     new.view(itype)[sel] = perturbation.new_values(old[sel], generator).view(itype)
-                group = _Group(data, positions, index, old, new)
-                _write(data, index, new)
+                group = _Group(data, positions, owned, index, old, new)
+                group.write(new)
                 applied.groups.append(group)
     except BaseException:
         applied.restore()  # leave the model as it was if anything fails half way

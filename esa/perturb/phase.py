@@ -13,6 +13,7 @@ from esa.baseline.evaluate import evaluate
 from esa.core.errors import NonFiniteLossError, UserError
 from esa.core.logs import get_logger
 from esa.inputs import load_model_and_windows, seed_everything
+from esa.parallel.env import is_rank0
 from esa.perturb.controls import bottom_k, magnitude_matched, random_k
 from esa.perturb.perturbations import cpu_generator, perturbation_from_spec, perturbed
 from esa.perturb.significance import paired_bootstrap_ci, summarize_controls
@@ -156,7 +157,8 @@ def _measure(model: Any, ids: torch.Tensor, batch_size: int, targets: list[Weigh
 
 
 def run_perturb(manifest: PerturbManifest, out: Path) -> dict[str, Any]:
-    """Baseline, perturbed and control evaluations (at each k of a sweep); writes perturbation.json."""
+    """Baseline, perturbed and control evaluations (at each k of a sweep); writes perturbation.json
+    (rank 0; every rank of a sharded job runs it)."""
     seed = manifest.seed
     seed_everything(seed)
     pert = perturbation_from_spec(manifest.perturbation)
@@ -183,8 +185,9 @@ def run_perturb(manifest: PerturbManifest, out: Path) -> dict[str, Any]:
         n_windows=len(ids), n_tokens=base.n_tokens, seconds=time.perf_counter() - t0, data=windows.info(),
         model=loaded.describe(), manifest_id=manifest.id, **main,
         by_k=[{"k": k, **r} for k, r in zip(ks, results)] if len(ks) > 1 else None)
-    write_record(out, record)
-    if manifest.outputs.save_plots and main["controls"]:
+    if is_rank0():
+        write_record(out, record)
+    if manifest.outputs.save_plots and main["controls"] and is_rank0():
         from esa.perturb.plots import save_perturbation_plot
 
         save_perturbation_plot(out / "plots" / "perturbation_vs_controls.png", main["delta_ppl"], main["controls"])

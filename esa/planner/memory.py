@@ -58,7 +58,10 @@ def _notes(s: ModelShape, metric: str, attention: str, requested: str, T: int, c
                      "the backward's temporaries by the chunk size, so small tensors can need more")
     if s.max_positions and T > int(s.max_positions):
         notes.append(f"seq_len {T} exceeds the model's context ({s.max_positions}); esa refuses it")
-    if world > 1:
+    if world > 1 and metric in CURVATURE:
+        notes.append(f"esa refuses {metric} on a sharded model (FSDP2 has no double backward): run it on one "
+                     "GPU per job and split the windows over jobs (shard = 'i/n', then esa reduce)")
+    elif world > 1:
         notes.append("multi-GPU layouts assume FSDP2 sharding of weights and fp32 sums "
                      "(embedding, lm_head and each block wrapped separately)")
     return notes
@@ -72,7 +75,9 @@ def plan_job(config: str | dict[str, Any], metric: str, *, seq_len: int, batch_s
     """Predict the peak memory per GPU (and time) of one ESA job.
 
     config: a config.json dict, or anything `load_config` accepts. metric: a phase-2 metric,
-    'baseline' (phase 1) or 'perturb' (phase 3). batch_size is per GPU. gpu: a preset name or
+    'baseline' (phase 1) or 'perturb' (phase 3). batch_size is the job's batch (a manifest's
+    data.batch_size): a sharded job splits it over its GPUs, so each holds ceil(batch_size / GPUs)
+    windows at a time. gpu: a preset name or
     GpuSpec for the time estimate (and the memory, unless gpu_memory_bytes is given).
     samples: calibration/evaluation windows (time estimate, number of batches; default 128). device='cpu'
     drops the GPU-only parts (used to validate against CPU measurements).
@@ -100,7 +105,7 @@ def plan_job(config: str | dict[str, Any], metric: str, *, seq_len: int, batch_s
     label = name or (config if isinstance(config, str) else str(config.get("_name_or_path") or config.get("model_type")))
     s = model_shape(load_config(config))
     layout = Layout(nodes, gpus_per_node)
-    job = JobStages(s, metric, batch_size, seq_len, DTYPE_BYTES[dtype], attention, layout.world,
+    job = JobStages(s, metric, -(-batch_size // layout.world), seq_len, DTYPE_BYTES[dtype], attention, layout.world,
                activation_checkpointing and metric not in CURVATURE, device, probes,
                math.ceil((samples or DEFAULT_SAMPLES) / batch_size))
     stages = {k: _complete(v, device) for k, v in job.stages().items()}
@@ -143,11 +148,14 @@ def smallest_layout(config: str | dict[str, Any], metric: str, *, gpu_memory_byt
     cfg = load_config(config) if isinstance(config, str) else config
     kwargs.setdefault("name", config if isinstance(config, str) else None)
     plan = None
-    for layout in candidate_layouts(max_gpus_per_node, max_nodes):
+    # Curvature metrics cannot be sharded: one GPU or nothing.
+    layouts = [Layout(1, 1)] if canonical_metric(metric) in CURVATURE else candidate_layouts(max_gpus_per_node, max_nodes)
+    for layout in layouts:
         plan = plan_job(cfg, metric, nodes=layout.nodes, gpus_per_node=layout.gpus_per_node,
                         gpu_memory_bytes=gpu_memory_bytes, **kwargs)
         if plan.fits:
             return plan
     assert plan is not None
-    plan.notes.append(f"does not fit on up to {max_nodes} nodes x {max_gpus_per_node} GPUs")
+    plan.notes.append("does not fit on one GPU, and cannot be sharded" if len(layouts) == 1 else
+                      f"does not fit on up to {max_nodes} nodes x {max_gpus_per_node} GPUs")
     return plan

@@ -36,13 +36,17 @@ def duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
+def _per_gpu(batch: int, world: int) -> str:
+    return f" ({-(-batch // world)} per GPU)" if world > 1 else ""
+
+
 def format_plan(plan: MemoryPlan, layout_source: str) -> str:
     """A table a person reads: job, layout, per-GPU breakdown in GiB, fit, time estimate."""
     st = plan.settings
     lay = plan.layout
     lines = [
         f"model        {plan.model} ({plan.n_parameters / 1e9:.3f} B parameters)",
-        f"job          {plan.metric}: seq_len {st['seq_len']}, batch {st['batch_size']} per GPU, {st['dtype']}, "
+        f"job          {plan.metric}: seq_len {st['seq_len']}, batch {st['batch_size']}{_per_gpu(st['batch_size'], plan.layout.world)}, {st['dtype']}, "
         f"{st['attention']} attention" + (", activation checkpointing" if st["activation_checkpointing"] else ""),
         f"layout       {lay.nodes} node(s) x {lay.gpus_per_node} GPU(s) = {lay.world} ({layout_source})",
         f"peak stage   {plan.peak_stage}",

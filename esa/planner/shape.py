@@ -122,13 +122,6 @@ class ModelShape:
                  "gpt2": max(3 * h * h, h * i)}[self.family]
         return max(block, self.vocab * h)
 
-    def last_parameter(self) -> int:
-        """Elements of the last tensor model.parameters() yields: the lm_head, or the final
-        norm's bias/weight when the lm_head is tied to the embedding."""
-        if not self.tied:
-            return self.vocab * self.hidden
-        return self.hidden
-
     def largest_linear(self) -> int:
         """Elements of the largest tensor act_mag scores (the lm_head or a block weight)."""
         return self.largest_tensor()

@@ -213,8 +213,6 @@ class JobStages:
             scored = self.P
             A = sharded(8 * scored, w)  # hz_sum and hz_sq_sum
             probes = sharded(2 * scored * b, w)  # z and H z
-            if self.batches > 1:  # the last parameter's z and H z (loop variables) outlive their batch
-                probes += sharded(s.last_parameter() * (2 * b + (4 if b != 4 else 0)), w)
             grads = sharded(scored * b, w)
             spread = sharded(16 * s.largest_tensor(), w)  # hutchinson_spread: mean, var, ... of one tensor
             finish = {"summarize": self._base(accumulators=A, workspace=spread),

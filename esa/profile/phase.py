@@ -13,10 +13,12 @@ import torch
 from esa.core import stop
 from esa.core.errors import UserError
 from esa.core.logs import get_logger, progress
-from esa.data.calibration import batches, select_windows, shard_batches, shard_slice
+from esa.data.calibration import select_windows, shard_batches, shard_slice
 from esa.data.windows import load_windows
-from esa.inputs import resolve_seq_len, seed_everything
-from esa.model.loading import load_model
+from esa.inputs import load_for_job, resolve_seq_len, seed_everything
+from esa.model.blocks import checkpoint_blocks
+from esa.parallel.env import any_rank, is_rank0, world_size
+from esa.parallel.split import local_batches
 from esa.profile import checkpoint
 from esa.profile.candidates import resolve_candidates
 from esa.profile.finish import finish_scores
@@ -47,9 +49,11 @@ def _use_eager_attention(model: Any) -> None:
 
 
 class _ResumableFeed:
-    """Calibration batches that start where a checkpoint left off and stop on request.
+    """This rank's part of each calibration batch (esa.parallel.split), starting where a checkpoint
+    left off and stopping on request.
 
-    The stop check happens between batches, so a checkpoint always holds whole batches.
+    The stop check happens between batches, so a checkpoint always holds whole batches; in a
+    sharded job a stop seen by any rank stops every rank at the same batch.
     """
 
     def __init__(self, calib: torch.Tensor, batch_size: int, device: torch.device, out: Path,
@@ -75,9 +79,9 @@ class _ResumableFeed:
         return self.total - self.start
 
     def __iter__(self) -> Any:
-        for batch in batches(self.calib, self.batch_size, self.device, self.start):
-            asked = stop.stop_requested() or (
-                self.stop_after is not None and self.done - self.start >= self.stop_after)
+        for batch in local_batches(self.calib, self.batch_size, self.device, self.start):
+            asked = any_rank(stop.stop_requested() or (
+                self.stop_after is not None and self.done - self.start >= self.stop_after))
             # At least one batch per attempt: a stop that came while the model was loading
             # then still makes progress, and the metric always has a batch to return sums for.
             if asked and self.resumable and self.done > self.start:
@@ -87,18 +91,39 @@ class _ResumableFeed:
             self.done += 1
 
 
+def _refuse_if_unshardable(metric: Any) -> None:
+    if world_size() > 1 and not metric.shardable:
+        raise UserError(f"{metric.name} needs double backward, which an FSDP2-sharded model does not "
+                        f"support: run it with one rank per job (parallel = {{nodes = 1, gpus_per_node = 1}}) "
+                        "and split the calibration windows over jobs with shard = 'i/n', then sum them "
+                        "with `esa reduce`")
+
+
+def _checkpoint_activations(manifest: ProfileManifest, metric: Any, model: Any) -> None:
+    if not manifest.parallel.activation_checkpointing:
+        return
+    if metric.needs_grad and not metric.needs_eager_attention:
+        log.info("activation checkpointing: %d decoder blocks recompute their activations in backward",
+                 checkpoint_blocks(model))
+    else:  # forward-only metrics keep no activations; double backward needs the whole graph
+        log.info("activation checkpointing does not apply to %s; running without it", metric.name)
+
+
 def run_profile(manifest: ProfileManifest, out: Path) -> dict[str, Any]:
-    """Score, rank and write scores.h5 + exports into `out`."""
+    """Score, rank and write scores.h5 + exports into `out` (rank 0 writes; every rank of a sharded
+    job runs it)."""
     assert manifest.id is not None
     seed = manifest.seed
     seed_everything(seed)
     metric = get_metric(manifest.metric.name)
+    _refuse_if_unshardable(metric)
     shard = parse_shard(manifest.shard)
     batch_size = manifest.data.batch_size
     assert batch_size is not None
-    loaded = load_model(manifest.model)
+    loaded = load_for_job(manifest.model)
     if metric.needs_eager_attention:
         _use_eager_attention(loaded.model)
+    _checkpoint_activations(manifest, metric, loaded.model)
     spec = resolve_seq_len(manifest.data, loaded.model)
     options = _metric_options(manifest, shard)
     t0 = time.perf_counter()
@@ -114,8 +139,8 @@ def run_profile(manifest: ProfileManifest, out: Path) -> dict[str, Any]:
         n_windows = len(calib)
         if n_windows == 0:
             raise UserError(f"shard {shard[0]}/{shard[1]} has no calibration windows")
-        log.info("%s on %d calibration windows of %d tokens (seed %d, shard %d/%d)", metric.name,
-                 n_windows, spec.seq_len, seed, *shard)
+        log.info("%s on %d calibration windows of %d tokens (seed %d, shard %d/%d, %d rank(s))", metric.name,
+                 n_windows, spec.seq_len, seed, *shard, world_size())
         feed = _ResumableFeed(calib, batch_size, loaded.device, out, manifest.id, metric, options)
         data_iter = progress(feed, total=feed.total - feed.start, desc=metric.name)
     else:
@@ -129,6 +154,7 @@ def run_profile(manifest: ProfileManifest, out: Path) -> dict[str, Any]:
         raise stop.Preempted(f"stopped after {feed.done} of {feed.total} batches; "
                              f"checkpoint in {path}; run the same manifest again to resume")
     if metric.resumable:
+        metric.merge_ranks(result)
         result.extras.update(metric.summarize(result.accumulators, result.counts))
         keep = options.keep_accumulators
         result.scores = metric.finalize(result.accumulators, result.counts, loaded.model, inplace=not keep)
@@ -138,9 +164,10 @@ def run_profile(manifest: ProfileManifest, out: Path) -> dict[str, Any]:
     extra = {"shard": f"{shard[0]}/{shard[1]}", "n_windows": n_windows, "seed": seed}
     summary = finish_scores(out, manifest, loaded.model, result, loaded.dtype, extra)
     metric_info = {k: v for k, v in result.extras.items() if k != "super_weights"}
-    write_record(out, ProfileRecord(**{**summary, "unscored": result.unscored}, seconds=seconds,
-                                    n_windows=n_windows, seq_len=spec.seq_len, seed=seed, shard=list(shard),
-                                    metric_extras=metric_info))
+    if is_rank0():
+        write_record(out, ProfileRecord(**{**summary, "unscored": result.unscored}, seconds=seconds,
+                                        n_windows=n_windows, seq_len=spec.seq_len, seed=seed, shard=list(shard),
+                                        metric_extras=metric_info))
     checkpoint.remove(out)
     log.info("%s done in %.1f s; scores in %s", metric.name, seconds, summary["files"]["scores"])
     return {**summary, "seconds": seconds}

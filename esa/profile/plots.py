@@ -26,45 +26,66 @@ from esa.results.tables import TensorStats, TopK  # noqa: E402
 from esa.profile.stats import compute_stats  # noqa: E402
 from esa.spec.weights import layer_of, module_type_of  # noqa: E402
 
-__all__ = ["save_profile_plots", "HIST_SAMPLE_PER_TENSOR"]
+__all__ = ["ScoreSampler", "save_profile_plots", "HIST_SAMPLE_PER_TENSOR"]
 
 HIST_SAMPLE_PER_TENSOR = 1 << 20
 _SEED = 0
 
 
+class ScoreSampler:
+    """What the histogram needs of the scores, taken one tensor at a time: a seeded sample of
+    each (at most HIST_SAMPLE_PER_TENSOR values)."""
+
+    def __init__(self) -> None:
+        self._gen = torch.Generator().manual_seed(_SEED)
+        self.names: list[str] = []
+        self.samples: list[np.ndarray] = []
+        self.sampled = False
+
+    def add(self, name: str, scores: torch.Tensor) -> None:
+        """Sample one tensor (empty tensors are skipped)."""
+        self.names.append(name)
+        if not scores.numel():
+            return
+        flat = scores.detach().reshape(-1)
+        if flat.numel() > HIST_SAMPLE_PER_TENSOR:
+            self.sampled = True
+            pos = torch.randint(0, flat.numel(), (HIST_SAMPLE_PER_TENSOR,), generator=self._gen)
+            flat = flat[pos.to(flat.device)]
+        self.samples.append(flat.float().cpu().numpy().astype(np.float64))
+
+
 def save_profile_plots(out_dir: str | os.PathLike,
-                       scores: Mapping[str, torch.Tensor] | None,
+                       scores: Mapping[str, torch.Tensor] | ScoreSampler | None,
                        topk: TopK | None,
                        stats: list[TensorStats] | None) -> list[Path]:
     """Write the profile PNGs into ``out_dir`` and return their paths.
 
-    Each plot is skipped when its input is missing: the histogram needs ``scores``, the
-    per-layer plot needs ``stats`` (computed from ``scores`` when not given) and at least one
-    block-indexed parameter, the heatmap needs a non-empty ``topk``.
+    ``scores`` is the score tensors, or a ScoreSampler that saw them one at a time. Each plot is
+    skipped when its input is missing: the histogram needs ``scores``, the per-layer plot needs
+    ``stats`` (computed from score tensors when not given) and at least one block-indexed
+    parameter, the heatmap needs a non-empty ``topk``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if stats is None and scores is not None:
+    if stats is None and isinstance(scores, Mapping):
         stats = compute_stats(scores, k=len(topk) if topk is not None else 1)
+    sampler = scores
+    if isinstance(scores, Mapping):
+        sampler = ScoreSampler()
+        for name, t in scores.items():
+            sampler.add(name, t)
     paths: list[Path] = []
-    if scores:
-        paths.append(_histogram(out / "score_histogram.png", scores))
+    if sampler is not None and sampler.names:
+        paths.append(_histogram(out / "score_histogram.png", sampler))
     if stats and any(s.layer is not None for s in stats):
         paths.append(_per_layer(out / "per_layer_scores.png", stats))
     if topk is not None and len(topk):
         # Show every block of the model (empty rows included), not just the ones hit.
-        names = list(scores) if scores else [s.name for s in stats or []]
+        names = sampler.names if sampler is not None else [s.name for s in stats or []]
         all_layers = {lay for lay in map(layer_of, names) if lay is not None}
         paths.append(_heatmap(out / "topk_heatmap.png", topk, all_layers))
     return paths
-
-
-def _sample(t: torch.Tensor, gen: torch.Generator) -> np.ndarray:
-    flat = t.detach().reshape(-1)
-    if flat.numel() > HIST_SAMPLE_PER_TENSOR:
-        pos = torch.randint(0, flat.numel(), (HIST_SAMPLE_PER_TENSOR,), generator=gen)
-        flat = flat[pos.to(flat.device)]
-    return flat.float().cpu().numpy().astype(np.float64)
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -76,10 +97,8 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def _histogram(path: Path, scores: Mapping[str, torch.Tensor]) -> Path:
-    gen = torch.Generator().manual_seed(_SEED)
-    values = np.concatenate([_sample(t, gen) for t in scores.values() if t.numel()] or
-                            [np.zeros(0)])
+def _histogram(path: Path, sampler: ScoreSampler) -> Path:
+    values = np.concatenate(sampler.samples or [np.zeros(0)])
     finite = values[np.isfinite(values)]
     positive = finite[finite > 0]
     n_zero = int((finite == 0).sum())
@@ -95,8 +114,7 @@ def _histogram(path: Path, scores: Mapping[str, torch.Tensor]) -> Path:
     else:
         ax.text(0.5, 0.5, "no positive scores", ha="center", va="center",
                 transform=ax.transAxes)
-    sampled = any(t.numel() > HIST_SAMPLE_PER_TENSOR for t in scores.values())
-    title = f"Score distribution ({values.size:,} {'sampled ' if sampled else ''}values"
+    title = f"Score distribution ({values.size:,} {'sampled ' if sampler.sampled else ''}values"
     title += f", {n_zero:,} zero)" if n_zero else ")"
     ax.set_title(title)
     ax.set_xlabel("score (log scale)")

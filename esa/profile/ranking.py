@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +24,7 @@ from esa.results.tables import CandidateScores, TopK
 from esa.spec.manifest import MODES
 from esa.spec.weights import matches
 
-__all__ = ["rank_scores", "rank_candidates", "tensor_topk", "fill_values"]
+__all__ = ["Ranker", "rank_scores", "rank_candidates", "tensor_topk"]
 
 # Scores are ranked in slices of this many elements: torch.topk on CPU copies its input
 # (values and int64 indices), so slicing bounds that temporary memory to ~12 bytes x chunk
@@ -136,6 +135,93 @@ def tensor_topk(scores: torch.Tensor, k: int, largest: bool = True,
     return best.score, best.flat
 
 
+class Ranker:
+    """The best (or, ``largest=False``, worst) ``k`` weights of tensors offered one at a time.
+
+    mode ``per_layer``: the best ``k`` of each tensor (k capped at its numel; rank within the
+    tensor). mode ``global``: the best ``k`` over all tensors by a streaming merge (see the
+    module docstring), so a sharded job can offer each tensor as it gathers it and drop it.
+    include / exclude are name patterns (see :func:`esa.spec.weights.matches`); a tensor offered
+    with its weight fills the ``value`` column of the rows it contributes.
+    """
+
+    def __init__(self, k: int, mode: str = "global", largest: bool = True,
+                 include: Iterable[str] | str | None = None, exclude: Iterable[str] | str | None = None) -> None:
+        if mode not in MODES:
+            raise UserError(f"unknown ranking mode {mode!r}; choose one of {', '.join(MODES)}")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+            raise UserError(f"k must be a positive integer, got {k!r}")
+        self.k, self.mode, self.largest = int(k), mode, largest
+        self.include, self.exclude = include, exclude
+        self._names: list[str] = []
+        self._shapes: list[tuple[int, ...]] = []
+        self._weighted: list[bool] = []
+        self._best = _RunningBest(self.k, largest)  # global mode
+        self._values: dict[tuple[int, int], float] = {}  # (tensor position, flat index) -> weight value
+        self._rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []  # per_layer: name, flat, score, value
+
+    def add(self, name: str, scores: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """Offer one tensor's scores (and the weight tensor they score, for the values)."""
+        if not matches(name, self.include, self.exclude) or scores.numel() == 0:
+            return
+        pos = len(self._names)
+        self._names.append(name)
+        self._shapes.append(tuple(scores.shape))
+        self._weighted.append(weight is not None)
+        if self.mode == "per_layer":
+            vals, flat = tensor_topk(scores, self.k, self.largest, name)
+            self._rows.append((name, flat, vals, _values_at(weight, flat, name)))
+            return
+        for offset, chunk in _chunks(scores.detach().reshape(-1)):
+            self._best.offer(pos, offset, chunk, name)
+        if weight is not None:  # the candidates this tensor holds now; later evictions are harmless
+            mine = self._best.flat[self._best.pos == pos]
+            self._values.update({(pos, int(f)): float(v) for f, v in zip(mine, _values_at(weight, mine, name))})
+
+    def result(self, weights_required: bool = False) -> TopK:
+        """The ranked list; `weights_required`: every ranked tensor must have been given its weight."""
+        if not self._names:
+            raise UserError("no scored parameter matches the include/exclude patterns "
+                            f"(include={self.include!r}, exclude={self.exclude!r})")
+        if self.mode == "per_layer":
+            params = [name for name, flat, _, _ in self._rows for _ in flat]
+            flat = np.concatenate([r[1] for r in self._rows])
+            index = [ix for (name, f, _, _), shape in zip(self._rows, self._shapes) for ix in _unravel(f, shape)]
+            out = TopK(params, flat, index, np.concatenate([r[2] for r in self._rows]),
+                       np.concatenate([np.arange(1, len(r[1]) + 1, dtype=np.int64) for r in self._rows]),
+                       np.concatenate([r[3] for r in self._rows]), mode="per_layer", largest=self.largest, k=self.k)
+        else:
+            best = self._best
+            params = [self._names[p] for p in best.pos]
+            index: list[tuple[int, ...]] = [()] * len(params)
+            for p in np.unique(best.pos):
+                rows = np.nonzero(best.pos == p)[0]
+                for r, ix in zip(rows, _unravel(best.flat[rows], self._shapes[p])):
+                    index[r] = ix
+            values = np.array([self._values.get((int(p), int(f)), np.nan) for p, f in zip(best.pos, best.flat)])
+            out = TopK(params, best.flat, index, best.score, np.arange(1, len(params) + 1, dtype=np.int64), values,
+                       mode="global", largest=self.largest, k=self.k)
+        if weights_required:
+            missing = sorted({p for p in out.param if not self._weighted[self._names.index(p)]})
+            if missing:
+                raise UserError(f"no weight tensor named {missing[0]!r} to read ranked values from")
+        return out
+
+
+def _values_at(weight: torch.Tensor | None, flat: np.ndarray, name: str) -> np.ndarray:
+    """The weight's values at flat indices (NaN without a weight)."""
+    if weight is None:
+        return np.full(len(flat), np.nan)
+    w = weight.detach()
+    if flat.size and (flat.min() < 0 or flat.max() >= w.numel()):
+        raise UserError(f"ranked index out of range for weight {name!r} of shape {tuple(w.shape)}")
+    if not w.dim():
+        return w.reshape(1).expand(len(flat)).double().cpu().numpy()
+    # Index by coordinates so that a non-contiguous weight is never copied whole.
+    coords = np.unravel_index(flat, tuple(w.shape))
+    return w[tuple(torch.as_tensor(c, device=w.device) for c in coords)].double().cpu().numpy()
+
+
 def rank_scores(
     scores: Mapping[str, torch.Tensor],
     k: int,
@@ -145,42 +231,16 @@ def rank_scores(
     exclude: Iterable[str] | str | None = None,
     weights: Mapping[str, torch.Tensor] | None = None,
 ) -> TopK:
-    """Rank weights by score.
-
-    mode ``per_layer``: the best ``k`` of each tensor (k capped at its numel; rank within the
-    tensor). mode ``global``: the best ``k`` over all tensors by a streaming merge.
-    ``largest=False`` gives the bottom-k the same way. include / exclude are name patterns
-    (see :func:`esa.spec.weights.matches`). ``weights`` (param name -> tensor) fills ``value``.
-    """
-    if mode not in MODES:
-        raise UserError(f"unknown ranking mode {mode!r}; choose one of {', '.join(MODES)}")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
-        raise UserError(f"k must be a positive integer, got {k!r}")
-    selected = _select(scores, include, exclude)
-    if not selected:
-        raise UserError("no scored parameter matches the include/exclude patterns "
-                        f"(include={include!r}, exclude={exclude!r})")
-    if mode == "per_layer":
-        out = _rank_per_tensor(selected, int(k), largest)
-    else:
-        out = _rank_global(selected, int(k), largest)
-    if weights is not None:
-        fill_values(out, weights)
-    return out
-
-
-def _select(scores: Mapping[str, torch.Tensor], include: Any, exclude: Any
-            ) -> list[tuple[str, torch.Tensor]]:
-    """Filtered (name, tensor) pairs in input order; a tensor object seen twice (tied
-    parameters under two names) and empty tensors are dropped."""
+    """Rank the weights of a mapping of score tensors (see :class:`Ranker`); ``weights`` (param name
+    -> tensor) fills ``value``. A tensor object present under two names (tied parameters) counts once."""
+    ranker = Ranker(k, mode, largest, include, exclude)
     seen: set[int] = set()
-    out = []
     for name, t in scores.items():
-        if not matches(name, include, exclude) or t.numel() == 0 or id(t) in seen:
+        if id(t) in seen:
             continue
         seen.add(id(t))
-        out.append((name, t))
-    return out
+        ranker.add(name, t, None if weights is None else weights.get(name))
+    return ranker.result(weights_required=weights is not None)
 
 
 def _unravel(flat: np.ndarray, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
@@ -188,65 +248,6 @@ def _unravel(flat: np.ndarray, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
         return [() for _ in flat]
     cols = np.unravel_index(flat, shape)
     return list(zip(*(c.tolist() for c in cols)))
-
-
-def _rank_per_tensor(selected: list[tuple[str, torch.Tensor]], k: int, largest: bool) -> TopK:
-    params: list[str] = []
-    flats, scores_, ranks = [], [], []
-    index: list[tuple[int, ...]] = []
-    for name, t in selected:
-        vals, flat = tensor_topk(t, k, largest, name)
-        params.extend([name] * len(flat))
-        flats.append(flat)
-        scores_.append(vals)
-        ranks.append(np.arange(1, len(flat) + 1, dtype=np.int64))
-        index.extend(_unravel(flat, tuple(t.shape)))
-    n = len(params)
-    return TopK(params, np.concatenate(flats), index, np.concatenate(scores_),
-                np.concatenate(ranks), np.full(n, np.nan), mode="per_layer",
-                largest=largest, k=k)
-
-
-def _rank_global(selected: list[tuple[str, torch.Tensor]], k: int, largest: bool) -> TopK:
-    best = _RunningBest(k, largest)
-    for pos, (name, t) in enumerate(selected):
-        # reshape(-1) is a view for the contiguous score buffers metrics produce.
-        for offset, chunk in _chunks(t.detach().reshape(-1)):
-            best.offer(pos, offset, chunk, name)
-    params = [selected[p][0] for p in best.pos]
-    index: list[tuple[int, ...]] = [()] * len(params)
-    for p in np.unique(best.pos):
-        rows = np.nonzero(best.pos == p)[0]
-        for r, ix in zip(rows, _unravel(best.flat[rows], tuple(selected[p][1].shape))):
-            index[r] = ix
-    n = len(params)
-    return TopK(params, best.flat, index, best.score, np.arange(1, n + 1, dtype=np.int64),
-                np.full(n, np.nan), mode="global", largest=largest, k=k)
-
-
-def fill_values(topk: TopK, weights: Mapping[str, torch.Tensor]) -> TopK:
-    """Fill ``topk.value`` in place from ``weights`` (param name -> tensor); returns topk.
-
-    Raises UserError when a ranked parameter is missing from ``weights`` or its shape does
-    not contain the ranked index.
-    """
-    rows_by_param: dict[str, list[int]] = {}
-    for i, p in enumerate(topk.param):
-        rows_by_param.setdefault(p, []).append(i)
-    for p, rows in rows_by_param.items():
-        if p not in weights:
-            raise UserError(f"no weight tensor named {p!r} to read ranked values from")
-        w = weights[p].detach()
-        flat = topk.flat_index[rows]
-        if flat.size and (flat.min() < 0 or flat.max() >= w.numel()):
-            raise UserError(f"ranked index out of range for weight {p!r} of shape "
-                            f"{tuple(w.shape)}")
-        # Index by coordinates so that a non-contiguous weight is never copied whole.
-        coords = np.unravel_index(flat, tuple(w.shape)) if w.dim() else ()
-        sel = w[tuple(torch.as_tensor(c, device=w.device) for c in coords)] if w.dim() else \
-            w.reshape(1).expand(len(rows))
-        topk.value[rows] = sel.double().cpu().numpy()
-    return topk
 
 
 def rank_candidates(table: CandidateScores, k: int, mode: str = "global", largest: bool = True,

@@ -47,7 +47,8 @@ from esa.core.errors import UserError
 from esa.results.records import ResultFileError
 from esa.results.tables import CandidateScores, TensorStats, TopK, stats_columns, stats_from_columns
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "REQUIRED_ATTRS", "write_score_file", "ScoreFile", "ScoreFileInfo",
+__all__ = ["FORMAT", "FORMAT_VERSION", "REQUIRED_ATTRS", "ScoreFileWriter", "write_score_file", "ScoreFile",
+           "ScoreFileInfo",
            "open_score_file", "check_score_file", "read_topk", "read_scores", "read_stats", "read_accumulators",
            "read_attrs", "read_candidates"]
 
@@ -69,6 +70,102 @@ _STR = h5py.string_dtype("utf-8")
 # ----------------------------------------------------------------------------- writing
 
 
+class ScoreFileWriter:
+    """``scores.h5`` written one tensor at a time, so that no caller needs every score tensor at
+    once (a sharded job gathers and hands over one at a time); the ranked lists, statistics and
+    ``complete`` come last, in :meth:`finish`. Use as a context manager: a writer left without
+    finish() (an exception) removes its temporary file.
+
+    ``attrs`` must hold REQUIRED_ATTRS (None is stored as ""; a dict manifest_json is
+    serialised); extra scalar/string attributes are kept, anything else is stored as JSON.
+    ``save='topk'`` stores no ``scores/`` group; ``save='candidates'`` neither: the file's scores are
+    the sparse rows of ``candidates/`` given to :meth:`finish`."""
+
+    def __init__(self, path: str | os.PathLike, *, attrs: Mapping[str, Any], score_dtype: str = "float32",
+                 save: str = "full", compression: str | None = None) -> None:
+        if score_dtype not in SCORE_DTYPES:
+            raise UserError(f"unknown score dtype {score_dtype!r}; choose float32 or float16")
+        if save not in SAVE_MODES:
+            raise UserError(f"unknown save mode {save!r}; choose one of {', '.join(SAVE_MODES)}")
+        if compression not in COMPRESSIONS:
+            raise UserError(f"unknown compression {compression!r}; choose none, lzf or gzip")
+        missing = [a for a in REQUIRED_ATTRS if a not in attrs]
+        if missing:
+            raise ValueError(f"score file attrs missing: {', '.join(missing)}")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.close(fd)
+        self._tmp = Path(tmp_name)
+        self._dtype, self._save, self._compression = SCORE_DTYPES[score_dtype], save, compression
+        # track_order keeps parameters in model order (ranking ties depend on it) and records
+        # attribute order, so `complete` is provably the last one written.
+        self._f = h5py.File(self._tmp, "w", track_order=True)
+        _write_root_attrs(self._f, attrs, score_dtype=score_dtype, save=save)
+        self._scores = self._f.create_group("scores", track_order=True) if save == "full" else None
+        self._acc: h5py.Group | None = None
+
+    def __enter__(self) -> ScoreFileWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def add_scores(self, name: str, tensor: Any) -> None:
+        """One parameter's score tensor (ignored for save='topk')."""
+        if self._scores is not None:
+            _write_tensor(self._scores, name, tensor, self._dtype, self._compression)
+
+    def add_accumulator(self, acc_name: str, name: str, tensor: Any) -> None:
+        """One parameter's additive sum (kept as float32, float64 for float64 sums)."""
+        if self._acc is None:
+            self._acc = self._f.create_group("accumulators", track_order=True)
+        _check_name(acc_name)
+        group = self._acc[acc_name] if acc_name in self._acc else self._acc.create_group(acc_name, track_order=True)
+        # Accumulators are exact sums to be added up later: always float32 or wider.
+        dtype = np.float64 if str(tensor.dtype).endswith("float64") else np.float32
+        _write_tensor(group, name, tensor, dtype, self._compression)
+
+    def finish(self, *, topk: TopK, bottomk: TopK | None = None, stats: list[TensorStats] | None = None,
+               counts: Mapping[str, int | float] | None = None, unscored: Iterable[str] = (),
+               candidates: CandidateScores | None = None) -> Path:
+        """Write the ranked lists, statistics, candidate scores and `complete`, then move the file into place."""
+        if self._save == "candidates" and candidates is None:
+            self.abort()
+            raise ValueError("save='candidates' needs the candidate scores")
+        try:
+            _write_topk(self._f.create_group("topk"), topk)
+            if bottomk is not None:
+                _write_topk(self._f.create_group("bottomk"), bottomk)
+            if stats is not None:
+                _write_stats(self._f.create_group("stats"), stats)
+            if candidates is not None:
+                _write_candidates(self._f.create_group("candidates"), candidates)
+            if self._acc is not None:
+                for key, val in (counts or {}).items():
+                    self._acc.attrs[key] = val
+            self._f.create_dataset("unscored", data=np.array(list(unscored), dtype=object), dtype=_STR)
+            self._f.flush()
+            # Last: only a file that got this far can ever be accepted by a reader.
+            self._f.attrs["complete"] = True
+            self._f.close()
+            _fsync(self._tmp)
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        return self.path
+
+    def abort(self) -> None:
+        """Close and remove the temporary file (nothing is left that a reader could mistake)."""
+        try:
+            self._f.close()
+        except Exception:  # already closed
+            pass
+        self._tmp.unlink(missing_ok=True)
+
+
 def write_score_file(
     path: str | os.PathLike,
     *,
@@ -85,62 +182,19 @@ def write_score_file(
     compression: str | None = None,
     candidates: CandidateScores | None = None,
 ) -> Path:
-    """Write ``scores.h5`` atomically and return its path.
-
-    ``attrs`` must hold REQUIRED_ATTRS (None is stored as ""; a dict manifest_json is
-    serialised); extra scalar/string attributes are kept, anything else is stored as JSON.
-    ``save='topk'`` skips the ``scores/`` group (``scores`` may then be None); ``candidates``
-    (sparse scores) go to ``candidates/``, and with ``save='candidates'`` they are the only scores.
-    """
-    if score_dtype not in SCORE_DTYPES:
-        raise UserError(f"unknown score dtype {score_dtype!r}; choose float32 or float16")
-    if save not in SAVE_MODES:
-        raise UserError(f"unknown save mode {save!r}; choose one of {', '.join(SAVE_MODES)}")
-    if compression not in COMPRESSIONS:
-        raise UserError(f"unknown compression {compression!r}; choose none, lzf or gzip")
-    missing = [a for a in REQUIRED_ATTRS if a not in attrs]
-    if missing:
-        raise ValueError(f"score file attrs missing: {', '.join(missing)}")
+    """Write ``scores.h5`` atomically from tensors already at hand (see :class:`ScoreFileWriter`);
+    ``candidates`` (sparse scores) go to ``candidates/``, and with ``save='candidates'`` they are the
+    only scores."""
     if save == "full" and scores is None:
         raise ValueError("save='full' needs the scores")
-    if save == "candidates" and candidates is None:
-        raise ValueError("save='candidates' needs the candidate scores")
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        # track_order keeps parameters in model order (ranking ties depend on it) and
-        # records attribute order, so `complete` is provably the last one written.
-        with h5py.File(tmp, "w", track_order=True) as f:
-            _write_root_attrs(f, attrs, score_dtype=score_dtype, save=save)
-            if save == "full":
-                assert scores is not None
-                _write_scores(f.create_group("scores", track_order=True), scores,
-                              SCORE_DTYPES[score_dtype], compression)
-            _write_topk(f.create_group("topk"), topk)
-            if bottomk is not None:
-                _write_topk(f.create_group("bottomk"), bottomk)
-            if stats is not None:
-                _write_stats(f.create_group("stats"), stats)
-            if candidates is not None:
-                _write_candidates(f.create_group("candidates"), candidates)
-            if accumulators:
-                _write_accumulators(f.create_group("accumulators", track_order=True),
-                                    accumulators, counts or {}, compression)
-            f.create_dataset("unscored", data=np.array(list(unscored), dtype=object),
-                             dtype=_STR)
-            f.flush()
-            # Last: only a file that got this far can ever be accepted by a reader.
-            f.attrs["complete"] = True
-        _fsync(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    with ScoreFileWriter(path, attrs=attrs, score_dtype=score_dtype, save=save, compression=compression) as w:
+        for name, tensor in (scores or {}).items():
+            w.add_scores(name, tensor)
+        for acc_name, tensors in (accumulators or {}).items():
+            for name, tensor in tensors.items():
+                w.add_accumulator(acc_name, name, tensor)
+        return w.finish(topk=topk, bottomk=bottomk, stats=stats, counts=counts if accumulators else None,
+                        unscored=unscored, candidates=candidates)
 
 
 def _fsync(path: Path) -> None:
@@ -214,12 +268,6 @@ def _to_numpy(t: Any, dtype: type, name: str) -> np.ndarray:
     return out
 
 
-def _write_scores(group: h5py.Group, scores: Mapping[str, Any], dtype: type,
-                  compression: str | None) -> None:
-    for name, tensor in scores.items():
-        _write_tensor(group, name, tensor, dtype, compression)
-
-
 def _write_topk(group: h5py.Group, topk: TopK) -> None:
     n = len(topk)
     ndims = np.array([len(ix) for ix in topk.index], dtype=np.int8)
@@ -279,19 +327,6 @@ def _write_stats(group: h5py.Group, stats: list[TensorStats]) -> None:
             group.create_dataset(col, data=np.array(vals, dtype=object), dtype=_STR)
         else:
             group.create_dataset(col, data=vals)
-
-
-def _write_accumulators(group: h5py.Group, accumulators: Mapping[str, Mapping[str, Any]],
-                        counts: Mapping[str, int | float], compression: str | None) -> None:
-    for key, val in counts.items():
-        group.attrs[key] = val
-    for acc_name, tensors in accumulators.items():
-        _check_name(acc_name)
-        sub = group.create_group(acc_name, track_order=True)
-        for name, tensor in tensors.items():
-            # Accumulators are exact sums to be added up later: always float32 or wider.
-            dtype = np.float64 if str(tensor.dtype).endswith("float64") else np.float32
-            _write_tensor(sub, name, tensor, dtype, compression)
 
 
 # ----------------------------------------------------------------------------- reading

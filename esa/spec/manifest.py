@@ -230,30 +230,53 @@ class Outputs:
 
 @dataclass(frozen=True)
 class Resources:
-    """Slurm resources of a job (plans keep them per phase; submission reads them). Not part of the id."""
+    """Slurm resources of a job (plans keep them per phase and per model; submission reads them). Not part
+    of the id. gpus, mem and time may be "auto": the planner (esa.planner) fills them, and the job's
+    parallel layout, for a GPU of gpu_memory."""
 
-    gpus: int = spec_field(0, "GPUs per task (--gres=gpu:N).", minimum=0)
+    gpus: int | str = spec_field(0, 'GPUs per rank (a job of G ranks per node asks for G times this per node, '
+                                 '--gres=gpu:N); "auto": the planner picks the smallest layout of 1-GPU ranks '
+                                 'whose peak fits gpu_memory, and sets parallel to it.',
+                                 anyOf=[{"type": "integer", "minimum": 0}, {"const": "auto"}],
+                                 **{"x-error": {"anyOf": 'must be a whole number of GPUs or "auto"'}})
     cpus: int = spec_field(1, "CPUs per task (--cpus-per-task).", minimum=1)
-    mem: str | None = spec_field(None, "Memory per node (--mem), e.g. 64G; null: the cluster's default.",
-                                 pattern="^[1-9][0-9]*[KMGT]?$",
-                                 **{"x-error": {"pattern": "must be a Slurm size like 64G, 500M or 16000"}})
-    time: str = spec_field("01:00:00", "Time limit (--time): MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS.",
-                           pattern="^([0-9]+-[0-9]{1,2}(:[0-9]{2}){0,2}|[0-9]+(:[0-9]{2}){0,2})$",
-                           **{"x-error": {"pattern": "must be a Slurm time like 04:00:00, 90 or 1-12:00:00"}})
+    mem: str | None = spec_field(None, 'Memory per node (--mem), e.g. 64G; null: the cluster\'s default; "auto": '
+                                 "the planner's host-memory estimate.", pattern="^([1-9][0-9]*[KMGT]?|auto)$",
+                                 **{"x-error": {"pattern": 'must be a Slurm size like 64G, 500M or 16000, or "auto"'}})
+    time: str = spec_field("01:00:00", 'Time limit (--time): MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS; '
+                           '"auto": twice the planner\'s estimate at its stated MFU plus 15 minutes.',
+                           pattern="^([0-9]+-[0-9]{1,2}(:[0-9]{2}){0,2}|[0-9]+(:[0-9]{2}){0,2}|auto)$",
+                           **{"x-error": {"pattern": 'must be a Slurm time like 04:00:00, 90 or 1-12:00:00, '
+                                                     'or "auto"'}})
+    gpu_memory: str | None = spec_field(None, 'Memory of one GPU of the partition, e.g. "80G": what "auto" '
+                                        "plans for (required by gpus = \"auto\").", pattern="^[1-9][0-9]*[KMGT]$",
+                                        **{"x-error": {"pattern": "must be a size like 40G or 80G"}})
+    node_gpus: int = spec_field(8, 'GPUs in one node of the partition: the largest one-node layout "auto" tries '
+                                "before it spreads a job over nodes.", minimum=1)
     partition: str | None = spec_field(None, "Partition (--partition); null: the cluster's default.", minLength=1)
     account: str | None = spec_field(None, "Account (--account); null: the user's default.", minLength=1)
     qos: str | None = spec_field(None, "Quality of service (--qos); null: the default.", minLength=1)
     array_parallelism: int = spec_field(64, "At most this many tasks of an array run at once (--array=...%N).",
                                         minimum=1)
 
+    @property
+    def auto(self) -> list[str]:
+        """The fields left to the planner."""
+        return [k for k in ("gpus", "mem", "time") if getattr(self, k) == "auto"]
+
 
 @dataclass(frozen=True)
 class Parallel:
-    """How many ranks run the job (torch.distributed, FSDP2). Not part of the id: a sharded run
-    equals an unsharded one with the same global batch."""
+    """How the job runs: how many ranks (torch.distributed, FSDP2), and whether activations are
+    recomputed. Not part of the id: neither changes the results (a sharded run equals an unsharded
+    one with the same global batch)."""
 
     nodes: int = spec_field(1, "Nodes of the job.", minimum=1)
     gpus_per_node: int = spec_field(1, "Ranks (GPUs) per node.", minimum=1)
+    activation_checkpointing: bool = spec_field(
+        False, "Phase 2, first-order gradient metrics: recompute each decoder block's activations in "
+        "backward instead of keeping them (less memory, about one more forward pass of time; same scores).",
+        phases=(2,))
 
     @property
     def world_size(self) -> int:
@@ -287,8 +310,8 @@ class Manifest:
     outputs: Outputs = spec_field(doc="Where results go, and which optional files to write.")
     resources: Resources | None = spec_field(None, "Slurm resources (plans keep them per phase). Not part of "
                                              "the id.")
-    parallel: Parallel = spec_field(Parallel(), "Ranks that run the job under torch.distributed (FSDP2). "
-                                    "Not part of the id.")
+    parallel: Parallel = spec_field(Parallel(), "Ranks that run the job under torch.distributed (FSDP2), and "
+                                    "activation checkpointing. Not part of the id.")
 
     def __post_init__(self) -> None:
         if self.phase not in (0, self.PHASE):

@@ -27,8 +27,8 @@ from typing import Any
 
 from esa.core.errors import UserError
 from esa.spec.fields import default_of, spec_field
-from esa.spec.manifest import (ControlsSpec, DataSpec, Manifest, MetricSpec, ModelSpec, Outputs, RankingSpec,
-                               Resources)
+from esa.spec.manifest import (ControlsSpec, DataSpec, Manifest, MetricSpec, ModelSpec, Outputs, Parallel,
+                               RankingSpec, Resources)
 from esa.spec.names import METRICS
 
 __all__ = ["Plan", "Grid", "FromPhase2", "Job", "ReduceStep", "Expansion", "read_plan", "parse_plan", "expand",
@@ -104,6 +104,7 @@ class Plan:
     data: dict[str, Any] = field(default_factory=dict)
     outputs: dict[str, Any] = field(default_factory=dict)
     resources: Resources = field(default_factory=Resources)
+    parallel: dict[str, Any] = field(default_factory=dict)
     from_phase2: FromPhase2 | None = None
 
     @property
@@ -188,20 +189,25 @@ def parse_plan(doc: dict[str, Any], path: str | Path = "(in memory)") -> Plan:
     return Plan(path=Path(path), experiment=ExperimentSpec(**doc["experiment"]), grid=Grid(**grid),
                 model=dict(doc.get("model", {})), data=dict(doc.get("data", {})),
                 outputs=dict(doc.get("outputs", {})), resources=Resources(**doc.get("resources", {})),
+                parallel=dict(doc.get("parallel", {})),
                 from_phase2=None if source is None else FromPhase2(
                     **{k: tuple(v) if isinstance(v, list) else v for k, v in source.items()}))
 
 
 # ------------------------------------------------------------------------------ expansion
 def _model_sections(plan: Plan, model_map: Mapping[str, str]) -> list[tuple[str, dict[str, Any]]]:
-    """(name as written in the plan, model section: plan settings overridden by the entry's).
+    """(name as written in the plan, the sections of its jobs: model (plan settings overridden by the
+    entry's), resources and parallel (the plan's, overridden by the entry's own tables)).
 
     `model_map` replaces model ids (a test runs a plan on a small local model)."""
     out = []
     for entry in plan.grid.models:
         entry = {"id": entry} if isinstance(entry, str) else dict(entry)
         name = entry["id"]
-        out.append((name, {**plan.model, **entry, "id": model_map.get(name, name)}))
+        resources = dataclasses.replace(plan.resources, **entry.pop("resources", {}))
+        parallel = {**plan.parallel, **entry.pop("parallel", {})}
+        out.append((name, {"model": {**plan.model, **entry, "id": model_map.get(name, name)},
+                           "resources": dataclasses.asdict(resources), "parallel": parallel}))
     return out
 
 
@@ -242,10 +248,10 @@ _DATA_KEYS = {f.name for f in dataclasses.fields(DataSpec)}
 
 def _expand_phase1(plan: Plan, results_dir: ResultsDir, model_map: Mapping[str, str]) -> list[Job]:
     jobs = []
-    for name, model in _model_sections(plan, model_map):
+    for name, where in _model_sections(plan, model_map):
         for seed in plan.grid.seeds:
             labels = {"model": name, "seed": seed}
-            m = _manifest(plan, 1, {"model": model, "data": plan.data, "seed": seed}, results_dir, _describe(labels))
+            m = _manifest(plan, 1, {**where, "data": plan.data, "seed": seed}, results_dir, _describe(labels))
             jobs.append(Job(m, labels))
     return jobs
 
@@ -282,7 +288,13 @@ def _expand_phase2(plan: Plan, results_dir: ResultsDir, model_map: Mapping[str, 
     rankings: list[Job] = []
     n_shards = plan.grid.shards
     sources = _source_rankings(plan, results_dir, model_map, p2) if plan.from_phase2 is not None else None
-    for name, model in _model_sections(plan, model_map):
+    models = _model_sections(plan, model_map)
+    for entry in _profile_entries(plan.grid):
+        unknown = sorted(set(entry.get("models") or ()) - {name for name, _ in models})
+        if unknown:
+            raise UserError(f"grid.profile entry for {entry['metric']} names models not in grid.models: "
+                            f"{', '.join(unknown)}")
+    for name, where in models:
         needs: tuple[str, ...] = ()
         candidates: dict[str, Any] = {}
         if sources is not None:
@@ -293,8 +305,10 @@ def _expand_phase2(plan: Plan, results_dir: ResultsDir, model_map: Mapping[str, 
             needs = tuple(r.id for r in own)
             candidates = {"candidates_from": [str(r.out_dir / "scores.h5") for r in own]}
         for entry in _profile_entries(plan.grid):
+            if entry.get("models") and name not in entry["models"]:
+                continue
             for seed in plan.grid.seeds:
-                sections = {"model": model, "seed": seed,
+                sections = {**where, "seed": seed,
                             "data": {**plan.data, **{k: v for k, v in entry.items() if k in _DATA_KEYS}},
                             "metric": {"name": entry["metric"], **candidates,
                                        **{k: v for k, v in entry.items() if k in _METRIC_KEYS}},
@@ -352,7 +366,10 @@ def _expand_phase3(plan: Plan, results_dir: ResultsDir, model_map: Mapping[str, 
                                 f"({ranking.labels['metric']}, {ranking.labels['mode']}) ranks; "
                                 "narrow from_phase2.topk or lower k")
             perturbation = {"name": pert["name"], "params": {n: v for n, v in pert.items() if n != "name"}}
+            # Where the job runs: this plan's resources; its parallel section, else the ranking job's layout.
+            layout = {"nodes": ranking.manifest.parallel.nodes, "gpus_per_node": ranking.manifest.parallel.gpus_per_node}
             sections = {"model": dataclasses.asdict(ranking.manifest.model), "data": plan.data,
+                        "resources": dataclasses.asdict(plan.resources), "parallel": plan.parallel or layout,
                         "seed": ranking.manifest.seed, "perturbation": perturbation,
                         "targets": {"from_scores": str(ranking.out_dir / "scores.h5"), "topk": k,
                                     "mode": ranking.labels["mode"]},
@@ -385,6 +402,14 @@ def expand(plan: Plan, results_dir: ResultsDir, model_map: Mapping[str, str] | N
         if len(unique) < len(jobs) else []
     notes += [f"reduce step: `esa {' '.join(r.command())}` after its {len(r.shards)} shards" for r in reduce]
     return Expansion(plan, unique, reduce, notes)
+
+
+def _model_entry(model: dict[str, Any], resources: dict[str, Any], parallel: dict[str, Any]) -> dict[str, Any]:
+    """A grid.models table: model settings plus this model's own resources and parallel tables."""
+    props = {**model["properties"], "resources": {**resources, "description": "This model's jobs' resources "
+                                                  "(override [resources])."},
+             "parallel": {**parallel, "description": "How this model's jobs run (overrides [parallel])."}}
+    return {**model, "properties": props, "required": ["id"]}
 
 
 def _describe(labels: Mapping[str, Any]) -> str:
@@ -446,7 +471,7 @@ def plan_schema(manifest_id: str, plan_id: str, draft: str) -> dict[str, Any]:
                  "properties": {f.name: ref("resources", f.name) for f in dataclasses.fields(Resources)}}
     # Which grid keys (and nested data/outputs fields) each phase allows.
     rules = []
-    nested_phase = {"data": DataSpec, "outputs": Outputs}
+    nested_phase = {"data": DataSpec, "outputs": Outputs, "parallel": Parallel}
     for phase in (1, 2, 3):
         props: dict[str, Any] = {}
         if phase == 1:
@@ -481,6 +506,8 @@ def plan_schema(manifest_id: str, plan_id: str, draft: str) -> dict[str, Any]:
                      "default": default_of(RankingSpec, "mode")},
             "topk": {"description": "k or list of k.", "anyOf": [{"type": "integer", "minimum": 1}, pos_list],
                      "default": default_of(RankingSpec, "topk")},
+            "models": {"description": "Only for these models of grid.models (ids as written there); default: all.",
+                       "type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
             **{name: ref("metric", name) for name in sorted(_METRIC_KEYS)},
             **{name: ref("data", name) for name in entry_data}}}
     from esa.spec.params import PARAMS
@@ -508,9 +535,15 @@ def plan_schema(manifest_id: str, plan_id: str, draft: str) -> dict[str, Any]:
                             "calibration; phases 1, 3: evaluation)."),
             "outputs": partial(Outputs, "outputs", skip=("dir",), description="Optional result files of every "
                                "manifest (the folder itself is always RUN/results/<id>)."),
-            "resources": resources, "grid": grid, "from_phase2": source},
+            "resources": resources,
+            "parallel": partial(Parallel, "parallel", description="How every job of the plan runs: ranks "
+                                "(torch.distributed, FSDP2) and activation checkpointing (a model entry may "
+                                "override it)."),
+            "grid": grid, "from_phase2": source},
         "allOf": rules,
-        "$defs": {"model_entry": {**partial(ModelSpec, "model", description="A model with its own settings "
-                                            "(override [model])."), "required": ["id"]},
+        "$defs": {"model_entry": _model_entry(partial(ModelSpec, "model", description="A model with its own "
+                                                      "settings (override [model]), and optionally its own "
+                                                      "resources and parallel tables."), resources,
+                                              partial(Parallel, "parallel")),
                   "profile_entry": profile_entry, "perturbation_entry": perturbation_entry}}
 

@@ -102,8 +102,8 @@ def field_schema(f: dataclasses.Field, tp: Any) -> dict[str, Any]:
         items = {"$ref": f"#/$defs/{items['ref']}"}
     schema: dict[str, Any] = {"description": doc_of(f)} if doc_of(f) else {}
     body = {"$ref": f"#/$defs/{ref}"} if ref else _type_schema(tp, items)
-    if "enum" in rules or "const" in rules:
-        body.pop("type", None)  # the listed values say it all
+    if "enum" in rules or "const" in rules or "anyOf" in rules:
+        body.pop("type", None)  # the listed values (or alternatives) say it all
         if "enum" in rules:
             rules["enum"] = list(rules["enum"])
     schema.update(body)

@@ -10,7 +10,7 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-LAYERS = ["esa", "esa.core", "esa.spec", "esa.planner", "esa.results", "esa.data", "esa.model", "esa.inputs", "esa.baseline",
+LAYERS = ["esa", "esa.core", "esa.spec", "esa.planner", "esa.results", "esa.data", "esa.model", "esa.parallel", "esa.inputs", "esa.baseline",
           "esa.profile", "esa.perturb", "esa.runner", "analysis", "jobs", "esa.cli", "esa.__main__"]
 OURS = ("esa", "jobs", "analysis")
 

@@ -48,3 +48,10 @@ def test_plan_memory(tmp_path):
     torch_free("from esa.cli import main\n"
                "assert main(['plan-memory', '--model', 'llama-3.1-8b', '--metric', 'grad_x_weight', '--seq-len', "
                "'2048', '--batch-size', '1', '--dtype', 'bf16', '--gpu-memory', '80G', '--json']) == 0", tmp_path)
+
+
+def test_profile_dry_run(tmp_path):
+    torch_free("from esa.cli import main\n"
+               "assert main(['profile', '--model', 'mixtral-8x7b', '--metric', 'grad_x_weight', '--seq-len', '2048', "
+               "'--dry-run', '--gpu-memory', '80G', '--out-dir', '/tmp/never-written']) == 0\n"
+               "import os\nassert not os.path.exists('/tmp/never-written')", tmp_path)

@@ -38,15 +38,16 @@ def sbatch_text(params: dict, folder: Path, n_tasks: int, monkeypatch) -> str:
 
 def record(plan: Path, monkeypatch) -> dict:
     from jobs.plans import load_plan
-    from jobs.slurm import slurm_parameters
+    from jobs.submit import slurm_arrays
 
     run = load_plan(REPO / "manifests" / plan, runs=RUNS)
-    params = slurm_parameters(run.resources, f"esa-p{run.phase}-{run.experiment}"[:64], None,
-                              run.resources.array_parallelism)
+    arrays = slurm_arrays(run, run.jobs, limit=1001)
     first = run.jobs[0].manifest.to_dict()
     return {"plan": str(plan), "n_jobs": len(run.jobs), "ids": [j.id for j in run.jobs],
-            "first_manifest": first, "first_id": run.jobs[0].id, "submitit_parameters": params,
-            "sbatch": sbatch_text(params, run.layout.submitit_dir, len(run.jobs), monkeypatch).splitlines()}
+            "first_manifest": first, "first_id": run.jobs[0].id,
+            "arrays": [{"ids": [j.id for j in chunk], "submitit_parameters": params,
+                        "sbatch": sbatch_text(params, run.layout.submitit_dir, len(chunk), monkeypatch).splitlines()}
+                       for params, _, chunk in arrays]}
 
 
 @pytest.mark.parametrize("plan", PLANS, ids=[str(p) for p in PLANS])

@@ -98,6 +98,40 @@ def test_slurm_parameters_from_plan_resources():
     teardown = "\n".join(params["slurm_teardown"])  # exit 75 inside an image -> the host requeues
     assert '-eq 75' in teardown and 'scontrol requeue "${esa_task:-$SLURM_JOB_ID}"' in teardown
     assert slurm.slurm_parameters(Resources(gpus=2), "x")["gpus_per_node"] == 2
+    assert "slurm_srun_args" not in params
+
+
+def test_slurm_parameters_of_a_sharded_job():
+    """2 nodes x 4 ranks of one GPU each: srun starts 8 tasks, and a rank that dies ends the others."""
+    from esa.spec.manifest import Parallel
+
+    params = slurm.slurm_parameters(Resources(gpus=1, cpus=8), "x", parallel=Parallel(nodes=2, gpus_per_node=4))
+    assert (params["nodes"], params["tasks_per_node"], params["gpus_per_node"]) == (2, 4, 4)
+    assert params["slurm_srun_args"] == ["--kill-on-bad-exit=1"]
+    with pytest.raises(UserError, match="auto"):
+        slurm.slurm_parameters(Resources(gpus="auto"), "x")
+
+
+def test_the_runbook_plans_size_every_job_with_the_planner():
+    """manifests/phase{1,2,3}.toml leave gpus/mem/time to the planner at 80 GB: Mixtral-8x7B is sharded over
+    GPUs of one node, the 7-8B models get one GPU each, and every job fits."""
+    from jobs.plans import load_plan
+    from jobs.submit import slurm_arrays
+
+    for phase in (1, 2, 3):
+        run = load_plan(REPO / "manifests" / f"phase{phase}.toml", runs="/tmp/esa-plan-check")
+        models = {j.manifest.model.id for j in run.jobs}
+        assert len(models) == 6, models
+        for job in run.jobs:
+            res, par = job.manifest.resources, job.manifest.parallel
+            assert not res.auto and res.gpus == 1 and res.mem.endswith("G")
+            mixtral = "Mixtral" in job.manifest.model.id
+            assert (par.world_size > 1) == mixtral, (job.manifest.model.id, par)
+            assert par.nodes == 1
+        arrays = slurm_arrays(run, run.jobs, 1001)
+        assert sum(len(chunk) for _, _, chunk in arrays) == len(run.jobs)
+        sharded = [(params, par) for params, par, _ in arrays if par.world_size > 1]
+        assert sharded and all(p["tasks_per_node"] == par.gpus_per_node == p["gpus_per_node"] for p, par in sharded)
     assert slurm.slurm_python("/img/esa.sif") == "apptainer exec --nv /img/esa.sif python"
     assert "--cleanenv" not in slurm.slurm_python("/img/esa.sif")
     assert slurm.slurm_python(None) is None
@@ -110,8 +144,10 @@ def test_dry_run_prints_the_arrays_and_writes_nothing(runs, model_map):
     out = r.stdout
     assert "6 manifests" in out and "6 to run" in out
     assert "DRY RUN: would submit 2 array(s) (MaxArraySize 4)" in out
-    assert "--array=0-3%2 (4 tasks)" in out and "--array=0-1%2 (2 tasks)" in out  # each array starts at 0
-    assert "slurm_array_parallelism=2" in out and "timeout_min=10" in out
+    assert "--array=0-3%2 (4 tasks, 1 rank)" in out and "--array=0-1%2 (2 tasks, 1 rank)" in out  # each starts at 0
+    assert "timeout_min=10" in out
+    job_lines = [line for line in out.splitlines() if line.strip().startswith("[")]
+    assert len(job_lines) == 6 and all("planner: " in line and "GiB per rank" in line for line in job_lines)
     assert not runs.exists(), "a dry run must not write manifests or records"
 
 
@@ -238,6 +274,35 @@ def test_local_run_resumes_after_preemption_and_matches(runs, tmp_path, model_ma
     assert got.keys() == want.keys()
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+@pytest.mark.slow
+def test_local_executor_runs_a_sharded_plan_as_two_ranks_and_resumes(runs, tmp_path, model_map, monkeypatch):
+    """manifests/tiny/sharded.toml with EXECUTOR=local: submitit's local controller starts 2 tasks per job;
+    stopped after one batch, both ranks checkpoint their halves (exit 144), the controller restarts them,
+    they resume, and the scores equal the uninterrupted 1-rank run's."""
+    import numpy as np
+
+    from esa.runner import run as esa_run
+
+    plan = load_plan(TINY / "sharded.toml", model_map=model_map)
+    submit.write_expanded(plan)
+    job = plan.jobs[0]
+    monkeypatch.setenv("ESA_STOP_AFTER_BATCHES", "1")
+    record = submit.submit_jobs(plan, ([job], []), Options(executor="local", echo=False))
+    assert record["local"][0]["ok"] is True, record
+    assert record["local"][0]["attempts"] == 2, "the job should have stopped once and resumed"
+    assert "resuming from the checkpoint" in (job.out_dir / "esa.log").read_text()
+    launch = json.loads((job.out_dir / "experiment_manifest.json").read_text())["provenance"]["launch"]
+    assert launch == {"launcher": "submitit-local", "world_size": 2, "sharded": True}
+    monkeypatch.delenv("ESA_STOP_AFTER_BATCHES")
+    reference = tmp_path / "one-rank"
+    esa_run(job.manifest.with_outputs(dir=str(reference)))
+    got, want = _scores(job.out_dir / "scores.h5"), _scores(reference / "scores.h5")
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=2e-5, atol=2e-5 * float(np.abs(want[name]).max()),
+                                   err_msg=name)
 
 
 @pytest.mark.slow

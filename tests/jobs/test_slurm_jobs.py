@@ -245,3 +245,40 @@ def test_phase2_then_phase3_then_aggregation_by_dependencies(env, tmp_path):
     assert len(rows) == 12 and all(r["state"] == "done" for r in rows.values()), rows
     assert (run / "report" / "report.html").exists(), "the aggregation job wrote no report"
     print(f"phase 2 -> 3 -> aggregation chain: {time.monotonic() - t0:.0f} s")
+
+
+def test_sharded_plan_runs_as_one_job_of_two_tasks_equal_to_one_rank(env, tmp_path):
+    """manifests/tiny/sharded.toml (parallel = 2 ranks per node): `make submit` sends each manifest as
+    one Slurm job of 2 tasks that srun starts; the ranks find each other from Slurm's variables, and
+    the scores equal the 1-rank run's."""
+    import numpy as np
+
+    from esa.runner import run as esa_run
+
+    t0 = time.monotonic()
+    run = Path(env["ESA_RUNS"]) / "tiny-sharded"
+    r = jobs_cli(env, "submit", "--plan", str(TINY / "sharded.toml"), "--executor", "slurm",
+                 "--model-map", f"esa:tiny-llama={env['_MODEL']}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 ranks (1 node(s) x 2)" in r.stdout
+    record = newest_record(run, 2)
+    array = record["arrays"][0]
+    assert array["slurm_parameters"]["tasks_per_node"] == 2 and array["slurm_parameters"]["nodes"] == 1
+    states = wait_finished([array["job_id"]], timeout=300, expect_tasks=2)
+    assert all(s == "COMPLETED" for s in states.values()), states
+    for task in array["tasks"]:
+        out = run / "results" / task["manifest_id"]
+        job = json.loads((out / "experiment_manifest.json").read_text())
+        assert job["provenance"]["launch"] == {"launcher": "slurm", "world_size": 2, "sharded": True}
+        # both tasks of the job's step ran (srun writes one log per task)
+        logs = sorted((run / "submitit").rglob(f"{task['job']}_*_log.err"))
+        assert len(logs) == 2, logs
+        manifest = job["manifest"]
+        reference = tmp_path / f"one-rank-{manifest['id']}"
+        esa_run({**manifest, "outputs": {**manifest["outputs"], "dir": str(reference)}})
+        got, want = scores(out / "scores.h5"), scores(reference / "scores.h5")
+        assert got.keys() == want.keys()
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=2e-5, atol=2e-5 * float(np.abs(want[name]).max()),
+                                       err_msg=f"{manifest['id']} {name}")
+    print(f"sharded plan on Slurm: {time.monotonic() - t0:.0f} s")

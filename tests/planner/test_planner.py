@@ -295,3 +295,54 @@ def test_one_measured_job_is_within_15_percent(tiny_llama, tmp_path):
     cfg = json.loads((tiny_llama / "config.json").read_text())
     plan = plan_job(cfg, "grad_x_weight", seq_len=128, batch_size=2, dtype="fp32", samples=4, device="cpu")
     assert 0.85 <= plan.total_bytes / measured <= 1.15, (plan.total_bytes, measured, plan.per_gpu_bytes)
+
+
+# ------------------------------------------------------------------- manifests and "auto" resources
+def _manifest(model: str, metric: str | None = None, phase: int = 2, **resources):
+    from esa.spec.manifest import Manifest
+
+    doc = {"phase": phase, "model": {"id": model, "dtype": "bf16"},
+           "data": {"dataset": "wikitext", "seq_len": 2048, "max_samples": 128, "batch_size": 1},
+           "resources": resources, "outputs": {"dir": "x"}}
+    if phase == 2:
+        doc["metric"] = {"name": metric}
+    return Manifest.from_dict(doc, partial=True)
+
+
+def test_auto_resources_pick_the_smallest_layout_and_size_memory_and_time():
+    from esa.planner.manifests import fill_auto_resources, plan_manifest
+
+    m = _manifest("mixtral-8x7b", "grad_x_weight", gpus="auto", mem="auto", time="auto", gpu_memory="80G")
+    filled, plan = fill_auto_resources(m)
+    assert filled.job_id() == m.job_id()  # where a job runs is not what it computes
+    layout = filled.parallel
+    assert layout.nodes == 1 and layout.gpus_per_node > 1 and filled.resources.gpus == 1
+    assert plan.fits and plan.layout.world == layout.world_size
+    # one GPU fewer does not fit: the layout is the smallest that does
+    smaller = plan_manifest(filled.__class__.from_dict({**filled.to_dict(), "parallel": {
+        "nodes": 1, "gpus_per_node": layout.gpus_per_node // 2}}), gpu_memory="80G")
+    assert not smaller.fits
+    # host memory holds the full bf16 weights (rank 0 reads them) plus 8 GiB per rank
+    assert int(filled.resources.mem[:-1]) * 1024**3 >= plan.n_parameters * 2 + 8 * 1024**3 * layout.gpus_per_node
+    h, mm, _ = (int(x) for x in filled.resources.time.split(":"))
+    assert h * 60 + mm >= max(30, 2 * plan.time.seconds / 60 + 15)
+    assert fill_auto_resources(_manifest("gpt2", "grad_x_weight", gpus=1))[1] is None  # nothing to plan
+
+
+def test_auto_resources_say_what_is_missing():
+    from esa.core.errors import UserError
+    from esa.planner.manifests import fill_auto_resources
+
+    with pytest.raises(UserError, match='gpu_memory = "80G"'):
+        fill_auto_resources(_manifest("gpt2", "grad_x_weight", gpus="auto"))
+    with pytest.raises(UserError, match="no layout that fits"):  # curvature cannot be sharded
+        fill_auto_resources(_manifest("llama-3.1-8b", "hutchinson_diag", gpus="auto", gpu_memory="80G"))
+    with pytest.raises(UserError, match="planner, which says"):
+        fill_auto_resources(_manifest("/no/such/model", "grad_x_weight", gpus="auto", gpu_memory="80G"))
+
+
+def test_a_sharded_job_splits_its_batch_over_the_gpus():
+    one = plan_job("llama-3.1-8b", "grad_x_weight", seq_len=2048, batch_size=8)
+    two = plan_job("llama-3.1-8b", "grad_x_weight", seq_len=2048, batch_size=8, nodes=1, gpus_per_node=2)
+    per_gpu = plan_job("llama-3.1-8b", "grad_x_weight", seq_len=2048, batch_size=4)
+    assert two.per_gpu_bytes["activations"] == per_gpu.per_gpu_bytes["activations"] < one.per_gpu_bytes["activations"]

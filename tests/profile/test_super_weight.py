@@ -233,7 +233,7 @@ def test_mixtral_experts_use_routed_tokens() -> None:
 
 def test_not_shardable_and_needs_down_projections() -> None:
     model = build("llama")
-    with pytest.raises(UserError, match="unsharded"):
+    with pytest.raises(UserError, match="without --shard"):
         get_metric("super_weight").finalize({}, {}, model)
     with pytest.raises(UserError, match="down projection"):
         get_metric("super_weight").score(model, batches(n=1),

@@ -25,8 +25,10 @@ def ids(plan: RunPlan) -> list[str]:
 ROOT = Path(__file__).resolve().parents[2]
 PLANS = {"real": ROOT / "manifests", "tiny": ROOT / "manifests" / "tiny"}
 # (plan set, phase) -> number of manifests
-SIZES = {("real", 1): 3, ("real", 2): 3 * 5 * 3, ("real", 3): 3 * 2 * 3 * 3,
+SIZES = {("real", 1): 6, ("real", 2): 6 * 4 * 3 + 3 * 3, ("real", 3): (6 + 3) * 3 * 3,
          ("tiny", 1): 1, ("tiny", 2): 2 * 3, ("tiny", 3): 3 * 2}
+SEED_MODELS = {"meta-llama/Llama-3.1-8B", "mistralai/Mistral-7B-v0.1", "microsoft/Phi-3-mini-4k-instruct",
+               "mistralai/Mixtral-8x7B-v0.1", "EleutherAI/pythia-1.4b", "openai-community/gpt2"}
 
 
 @pytest.mark.parametrize("which,phase", sorted(SIZES))
@@ -40,8 +42,9 @@ def test_example_plans_expand_into_valid_manifests(tmp_path, which, phase):
         assert job.manifest.to_dict()["outputs"]["dir"] == str(tmp_path / plan.experiment / "results" / job.id)
         assert job.manifest.to_dict()["model"]["trust_remote_code"] is False
     res = plan.resources
-    if which == "real":
-        assert (res.gpus, res.cpus, res.mem, res.time) == (1, 8, "64G", "04:00:00")
+    if which == "real":  # sized per job by the planner (tests/jobs/test_jobs_submit.py checks the layouts)
+        assert (res.gpus, res.mem, res.time, res.gpu_memory) == ("auto", "auto", "auto", "80G")
+        assert {j.manifest.to_dict()["model"]["id"] for j in plan.jobs} == SEED_MODELS
     else:
         assert res.gpus == 0 and all(j.manifest.to_dict()["model"]["device"] == "cpu" for j in plan.jobs)
         assert all(j.manifest.to_dict()["model"]["id"] == "esa:tiny-llama" for j in plan.jobs)
@@ -57,8 +60,10 @@ def test_real_phase2_grid_is_the_runbook(tmp_path):
     samples = {j.labels["metric"]: j.manifest.to_dict()["data"]["max_samples"] for j in plan.jobs}
     assert samples["hutchinson_diag"] == 120 and samples["grad_x_weight"] == 200
     assert {j.labels["seed"] for j in plan.jobs} == {0, 1, 2}
-    assert {j.manifest.to_dict()["model"]["id"] for j in plan.jobs} == {
-        "meta-llama/Llama-3.1-8B", "mistralai/Mistral-7B-v0.1", "microsoft/Phi-3-mini-4k-instruct"}
+    assert {j.manifest.to_dict()["model"]["id"] for j in plan.jobs} == SEED_MODELS
+    # the curvature metric only where one GPU holds it (double backward cannot be sharded)
+    assert {j.labels["model"] for j in plan.jobs if j.labels["metric"] == "hutchinson_diag"} == {
+        "microsoft/Phi-3-mini-4k-instruct", "EleutherAI/pythia-1.4b", "openai-community/gpt2"}
     assert all(j.manifest.to_dict()["data"]["config"] == "wikitext-2-raw-v1" for j in plan.jobs)
 
 
@@ -122,7 +127,7 @@ def test_real_phase3_uses_the_k100_rankings_and_canonical_perturbations(tmp_path
     p3 = expand_plan(PLANS["real"] / "phase3.toml", runs_root=tmp_path)
     wanted = {j.id for j in p2.jobs if j.labels["metric"] in ("grad_x_weight", "hutchinson_diag")
               and j.labels["topk"] == 100}
-    assert {j.needs[0] for j in p3.jobs} == wanted and len(wanted) == 18
+    assert {j.needs[0] for j in p3.jobs} == wanted and len(wanted) == 6 * 3 + 3 * 3
     perts = {json.dumps(j.manifest.to_dict()["perturbation"], sort_keys=True) for j in p3.jobs}
     assert perts == {json.dumps(p, sort_keys=True) for p in (
         {"name": "sign_flip", "params": {"scale": 1.0}}, {"name": "zero", "params": {}},
@@ -293,3 +298,33 @@ def test_a_phase2_plan_from_phase2_takes_each_models_rankings_as_candidates(tmp_
                 'models = ["esa:tiny-llama"]\n', "p1.toml")
     with pytest.raises(UserError, match=r"\$\.from_phase2"):  # phase 1 takes no from_phase2
         expand_plan(one, runs_root=tmp_path)
+
+
+def test_model_entries_bring_their_own_resources_and_layout(tmp_path):
+    text = TINY2.format(name="per-model", shards=1).replace(
+        'models = ["esa:tiny-llama"]',
+        'models = ["esa:tiny-llama", {id = "esa:tiny-mixtral", resources = {cpus = 3}, '
+        'parallel = {gpus_per_node = 2, activation_checkpointing = true}}]')
+    text = text.replace("[grid]", "[resources]\ncpus = 2\ntime = \"00:20:00\"\n[parallel]\ngpus_per_node = 1\n[grid]")
+    plan = expand_plan(_plan(tmp_path, text), runs_root=tmp_path)
+    by_model = {j.labels["model"]: j.manifest for j in plan.jobs}
+    llama, mixtral = by_model["esa:tiny-llama"], by_model["esa:tiny-mixtral"]
+    assert (llama.resources.cpus, llama.resources.time, llama.parallel.world_size) == (2, "00:20:00", 1)
+    assert (mixtral.resources.cpus, mixtral.resources.time, mixtral.parallel.gpus_per_node) == (3, "00:20:00", 2)
+    assert mixtral.parallel.activation_checkpointing and not llama.parallel.activation_checkpointing
+    # where and how a job runs is not part of its id
+    plain = expand_plan(_plan(tmp_path, TINY2.format(name="per-model", shards=1).replace(
+        'models = ["esa:tiny-llama"]', 'models = ["esa:tiny-llama", "esa:tiny-mixtral"]'), "plain.toml"),
+        runs_root=tmp_path)
+    assert sorted(ids(plain)) == sorted(ids(plan))
+
+
+def test_profile_entries_can_name_their_models(tmp_path):
+    text = TINY2.format(name="subset", shards=1).replace(
+        'models = ["esa:tiny-llama"]', 'models = ["esa:tiny-llama", "esa:tiny-gpt2"]').replace(
+        'metric = "activation_magnitude"', 'metric = "activation_magnitude"\nmodels = ["esa:tiny-gpt2"]')
+    plan = expand_plan(_plan(tmp_path, text), runs_root=tmp_path)
+    assert {j.labels["model"] for j in plan.jobs} == {"esa:tiny-gpt2"}
+    with pytest.raises(UserError, match="not in grid.models: esa:tiny-phi3"):
+        expand_plan(_plan(tmp_path, text.replace('models = ["esa:tiny-gpt2"]', 'models = ["esa:tiny-phi3"]'),
+                          "typo.toml"), runs_root=tmp_path)

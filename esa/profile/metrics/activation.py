@@ -22,6 +22,9 @@ import torch
 from torch import nn
 
 from esa.core.errors import UserError
+from esa.parallel.env import all_sum
+from esa.parallel.fsdp import scaled_abs
+from esa.parallel.split import LocalBatch, as_local
 from esa.model.linear_modules import (
     Capture,
     LinearWeight,
@@ -46,24 +49,27 @@ def _input_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def forward_batches(model: nn.Module, batches: Iterable[torch.Tensor],
-                    on_batch: Callable[[int, torch.Tensor], None] | None = None) -> int:
-    """Run the model on every calibration batch (eval mode, no grad, no KV cache) and
-    return the number of tokens seen. `on_batch(i, input_ids)` is called before batch i."""
+def forward_batches(model: nn.Module, batches: Iterable[torch.Tensor | LocalBatch],
+                    on_batch: Callable[[int, LocalBatch], None] | None = None) -> int:
+    """Run the model on every calibration batch (eval mode, no grad, no KV cache) and return
+    the number of tokens seen (over every rank of a sharded job). `on_batch(i, part)` is called
+    before batch i; a stand-in part (`part.real` False: this rank has no window in the batch, but
+    every rank must run every forward) is run and must be ignored by the callbacks."""
     device = _input_device(model)
     tokens = 0
     with torch.no_grad(), eval_mode(model):
-        for i, ids in enumerate(batches):
-            ids = torch.as_tensor(ids)
-            if ids.ndim == 1:
-                ids = ids.unsqueeze(0)
+        for i, item in enumerate(batches):
+            part = as_local(item if isinstance(item, LocalBatch) else torch.as_tensor(item))
+            ids = part.ids if part.ids.ndim != 1 else part.ids.unsqueeze(0)
             if ids.ndim != 2 or ids.is_floating_point():
                 raise UserError(f"calibration batch {i} must be integer token ids [B, T], "
                                 f"got {tuple(ids.shape)} {ids.dtype}")
+            part = part._replace(ids=ids)
             if on_batch is not None:
-                on_batch(i, ids)
+                on_batch(i, part)
             model(input_ids=ids.to(device), use_cache=False)
-            tokens += ids.numel()
+            tokens += ids.numel() if part.real else 0
+    tokens = int(all_sum(torch.tensor([tokens], dtype=torch.int64)).item())
     if tokens == 0:
         raise UserError("no calibration tokens: activation metrics need data")
     return tokens
@@ -108,8 +114,14 @@ class ActMag(Metric):
         counts = start_counts(options, counts)
         expert_tokens: dict[str, list[int]] = {
             w.param_name: [0] * int(w.num_experts) for w in weights if w.expert_axis is not None}
+        state = {"real": True}
+
+        def on_batch(_: int, part: LocalBatch) -> None:
+            state["real"] = part.real
 
         def on_capture(c: Capture) -> None:
+            if not state["real"]:  # a stand-in forward of a rank with no window in this batch
+                return
             name = c.weight.param_name
             target = acc[name] if c.expert is None else acc[name][c.expert]
             _add_sum_sq(target, c.inputs)
@@ -118,7 +130,7 @@ class ActMag(Metric):
                 expert_tokens[name][c.expert] += int(c.inputs.shape[0])
 
         with capture_linear_io(weights, on_capture):
-            n_tokens = forward_batches(model, batches)
+            n_tokens = forward_batches(model, batches, on_batch)
 
         accumulators = {ACT_SQ_SUM: acc}
         extras = {
@@ -129,12 +141,25 @@ class ActMag(Metric):
                            if not w.param_name.startswith(w.module_name + ".")},
             "expert_tokens": expert_tokens,
         }
-        if not options.finalize:
-            return MetricResult({}, unscored=_unscored(model, acc, options), accumulators=accumulators,
-                                counts=counts, extras=extras)
-        scores = self.finalize(accumulators, counts, model)
-        return MetricResult(scores=scores, unscored=_unscored(model, scores, options),
-                            accumulators=accumulators, counts=counts, extras=extras)
+        result = MetricResult({}, unscored=_unscored(model, acc, options), accumulators=accumulators,
+                              counts=counts, extras=extras)
+        if options.finalize:
+            self.merge_ranks(result)
+            result.scores = self.finalize(accumulators, counts, model)
+        return result
+
+    def merge_ranks(self, result: MetricResult) -> None:
+        """A sharded job's per-rank sums of squares, token counts and expert counts, summed over
+        the ranks (in place; a no-op for one rank)."""
+        for name in sorted(result.accumulators[ACT_SQ_SUM]):
+            all_sum(result.accumulators[ACT_SQ_SUM][name])
+        names = sorted(result.counts)
+        experts = result.extras["expert_tokens"]
+        flat = [result.counts[n] for n in names] + [c for n in sorted(experts) for c in experts[n]]
+        totals = iter(all_sum(torch.tensor(flat, dtype=torch.int64)).tolist())
+        result.counts.update({n: next(totals) for n in names})
+        for n in sorted(experts):
+            experts[n] = [next(totals) for _ in experts[n]]
 
     def finalize(self, accumulators: dict[str, dict[str, torch.Tensor]], counts: dict[str, int],
                  model: nn.Module, inplace: bool = False) -> dict[str, torch.Tensor]:
@@ -154,5 +179,5 @@ class ActMag(Metric):
                                 f"{tuple(sq.shape)}, expected {w.accumulator_shape}")
             norm = sq.to(device=w.param.device, dtype=torch.float32).sqrt()
             # abs() allocates a new tensor, so the in-place multiply never touches the weight.
-            scores[name] = w.param.detach().abs().float().mul_(broadcast_inputs(w, norm))
+            scores[name] = scaled_abs(w.param, broadcast_inputs(w, norm))
         return scores

@@ -89,6 +89,9 @@ class Metric(ABC):
     # False: `--shard i/n` splits something else than the calibration windows (ablation splits
     # its candidates and needs every window in every shard).
     shards_data: bool = True
+    # False: the metric cannot run on an FSDP2-sharded model (double backward through FSDP's
+    # all-gathers is not supported); a sharded job refuses it before loading the model.
+    shardable: bool = True
 
     @abstractmethod
     def score(
@@ -100,6 +103,10 @@ class Metric(ABC):
         """Score every parameter the metric defines; `batches` yields LongTensor [B, T]."""
 
     resumable: bool = False  # accumulates additive sums that a checkpoint can carry
+
+    def merge_ranks(self, result: MetricResult) -> None:
+        """Combine the per-rank sums of a sharded job in place, before finalize (a no-op unless the
+        metric keeps sums of its own rank's data; FSDP already reduces gradients)."""
 
     def summarize(self, accumulators: dict[str, dict[str, torch.Tensor]], counts: dict[str, Any]) -> dict[str, Any]:
         """Diagnostics (extras) computable from the sums alone, e.g. an estimator's spread."""
@@ -127,10 +134,12 @@ class Metric(ABC):
 def start_sum(options: MetricOptions, acc_name: str, param: str, like: torch.Tensor,
               dtype: torch.dtype | None = None) -> torch.Tensor:
     """A fresh zero sum shaped like `like`, or the resumed one from options.initial_accumulators."""
+    from esa.parallel.fsdp import like_param
+
     initial = (options.initial_accumulators or {}).get(acc_name, {}).get(param)
-    if initial is not None:
-        return initial.to(device=like.device, dtype=dtype or like.dtype).clone()
-    return torch.zeros(like.shape, dtype=dtype or like.dtype, device=like.device)
+    if initial is not None:  # a checkpoint holds this rank's part (the whole tensor unsharded)
+        return like_param(initial.to(device=like.device, dtype=dtype or like.dtype).clone(), like)
+    return torch.zeros_like(like, dtype=dtype or like.dtype)
 
 
 def start_counts(options: MetricOptions, fresh: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import torch
 from esa.core.errors import UserError
 from esa.profile.metrics.base import Metric, MetricOptions, MetricResult, start_counts, start_sum
 from esa.profile.metrics.gradient import model_device, scored_parameters, scoring_mode, sum_dtype
+from esa.parallel.split import as_local
 from esa.profile.metrics.loss import next_token_nll, predicted_tokens
 from esa.spec.weights import format_weight, parse_weight
 
@@ -155,12 +156,13 @@ class HutchinsonDiag(Metric):
 
     name = "hutchinson_diag"
     resumable = True
+    needs_grad = True
+    needs_eager_attention = True
+    shardable = False
 
     def summarize(self, accumulators: dict[str, dict[str, torch.Tensor]], counts: dict[str, Any]) -> dict[str, Any]:
         """The estimator's spread over probes (see hutchinson_spread)."""
         return {"spread": hutchinson_spread(accumulators, counts)}
-    needs_grad = True
-    needs_eager_attention = True
 
     def score(self, model: torch.nn.Module, batches: Iterable[torch.Tensor],
               options: MetricOptions) -> MetricResult:
@@ -183,7 +185,7 @@ class HutchinsonDiag(Metric):
         with scoring_mode(model, params), double_backward_ready(model):
             for i, batch in enumerate(batches):
                 gen = batch_probe_generator(base, options.batch_offset + i, plist[0].device)
-                batch = batch.to(device)
+                batch = as_local(batch).ids.to(device)
                 loss = next_token_nll(model, batch, batch_index=i)
                 grads = torch.autograd.grad(loss, plist, create_graph=True, allow_unused=True)
                 for k in range(options.probes):
@@ -193,7 +195,9 @@ class HutchinsonDiag(Metric):
                         est = hv.to(acc[n].dtype).mul_(z)  # hv is ours to overwrite
                         acc[n].add_(est)
                         sq[n].addcmul_(est, est)
-                    del zs, hvs
+                    # The loop variables would keep the last parameter's probe and H z alive into
+                    # the next batch (about 4 GB for an 8B model).
+                    del zs, hvs, z, hv, est
                 del grads, loss
                 counts["batches"] += 1
                 counts["tokens"] += predicted_tokens(batch)
@@ -283,6 +287,7 @@ class HessianDiag(Metric):
     resumable = True
     needs_grad = True
     needs_eager_attention = True
+    shardable = False
 
     def _selection(self, model: torch.nn.Module, options: MetricOptions
                    ) -> tuple[dict[str, torch.nn.Parameter], dict[str, list[int]] | None]:
@@ -316,7 +321,7 @@ class HessianDiag(Metric):
         device = model_device(model)
         with scoring_mode(model, params), double_backward_ready(model):
             for b, batch in enumerate(batches):
-                batch = batch.to(device)
+                batch = as_local(batch).ids.to(device)
                 loss = next_token_nll(model, batch, batch_index=b)
                 grads = torch.autograd.grad(loss, plist, create_graph=True, allow_unused=True)
                 for n, p, g in zip(names, plist, grads):

@@ -16,7 +16,8 @@ import torch
 
 from esa.core.errors import UserError
 from esa.profile.metrics.base import Metric, MetricOptions, MetricResult, start_counts, start_sum
-from esa.profile.metrics.loss import next_token_nll, predicted_tokens
+from esa.parallel.split import LocalBatch, as_local
+from esa.profile.metrics.loss import next_token_nll
 from esa.spec.weights import matches
 
 __all__ = [
@@ -78,13 +79,15 @@ def scoring_mode(model: torch.nn.Module, params: dict[str, torch.nn.Parameter]) 
         model.train(was_training)
 
 
-def fold_gradients(model: torch.nn.Module, batches: Iterable[torch.Tensor],
+def fold_gradients(model: torch.nn.Module, batches: Iterable[torch.Tensor | LocalBatch],
                    params: dict[str, torch.nn.Parameter], fold: Fold,
                    progress: Callable[[int], None] | None = None) -> dict[str, int]:
     """Backpropagate the mean next-token NLL of each batch, handing every parameter's
     gradient to `fold` the moment autograd has accumulated it, then freeing it.
 
-    Returns counts {'batches', 'tokens'}. Hooks are removed and every `.grad` is None on
+    A sharded job hands each rank its part of every global batch (esa.parallel.split): the
+    local loss is weighted so that the (sharded) gradient is the global batch's. Returns counts
+    {'batches', 'tokens'} of the global batches. Hooks are removed and every `.grad` is None on
     return, also when a batch fails.
     """
     names = {id(p): n for n, p in params.items()}
@@ -97,11 +100,13 @@ def fold_gradients(model: torch.nn.Module, batches: Iterable[torch.Tensor],
     device = model_device(model)
     counts = {"batches": 0, "tokens": 0}
     try:
-        for i, batch in enumerate(batches):
-            batch = batch.to(device)
-            next_token_nll(model, batch, batch_index=i).backward()
+        for i, item in enumerate(batches):
+            part = as_local(item)
+            ids = part.ids.to(device)
+            loss = next_token_nll(model, ids, batch_index=i)
+            (loss if part.weight == 1.0 else loss * part.weight).backward()
             counts["batches"] += 1
-            counts["tokens"] += predicted_tokens(batch)
+            counts["tokens"] += part.n_global * max(int(ids.shape[1]) - 1, 0)
             if progress is not None:
                 progress(counts["batches"])
     finally:
@@ -143,7 +148,7 @@ def _fill_missing(acc: dict[str, torch.Tensor], params: dict[str, torch.nn.Param
     """Parameters that never received a gradient (unused in every batch) sum to zero."""
     for n, p in params.items():
         if n not in acc:
-            acc[n] = torch.zeros(p.shape, dtype=sum_dtype(p.dtype), device=p.device)
+            acc[n] = torch.zeros_like(p, dtype=sum_dtype(p.dtype))
 
 
 def _check_counts(counts: dict[str, int]) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from esa.core.errors import NonFiniteLossError, UserError
+from esa.parallel.env import any_rank
 
 __all__ = ["next_token_nll", "predicted_tokens"]
 
@@ -39,8 +40,9 @@ def next_token_nll(model: torch.nn.Module, input_ids: torch.Tensor,
         logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
     )
     # One host sync per batch: cheap next to a forward pass, and it stops a run at the
-    # first bad batch instead of writing NaN scores.
-    if not bool(torch.isfinite(loss)):
+    # first bad batch instead of writing NaN scores (on every rank of a sharded job at once:
+    # a rank that stopped alone would leave the others waiting in the next collective).
+    if any_rank(not bool(torch.isfinite(loss))):
         where = f" on calibration batch {batch_index}" if batch_index is not None else ""
         dtype = next((p.dtype for p in model.parameters()), None)
         raise NonFiniteLossError(

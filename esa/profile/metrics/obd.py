@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from esa.core.errors import UserError
+from esa.parallel.split import LocalBatch, as_local
 from esa.profile.metrics.base import Metric, MetricOptions, MetricResult, start_counts, start_sum
 from esa.profile.metrics.curvature import HessianDiag, HutchinsonDiag
 from esa.profile.metrics.gradient import fold_gradients, scored_parameters, scoring_mode, sum_dtype
@@ -79,9 +80,12 @@ class OBD(Metric):
         return half_w_squared(inner.finalize(accumulators, counts, inplace=inplace), model)
 
 
-def _windows(batches: Iterable[torch.Tensor], per_sample: bool, seen: list[int]) -> Iterator[torch.Tensor]:
-    """The batches, or (per_sample) each window of each batch as a batch of one; counts batches in seen[0]."""
-    for batch in batches:
+def _windows(batches: Iterable[torch.Tensor | LocalBatch], per_sample: bool, seen: list[int]
+             ) -> Iterator[torch.Tensor]:
+    """The batches, or (per_sample) each window of each batch as a batch of one; counts batches in seen[0]
+    (one rank: a LocalBatch is the whole batch)."""
+    for item in batches:
+        batch = as_local(item).ids
         seen[0] += 1
         if per_sample:
             yield from batch.split(1)

@@ -39,6 +39,9 @@ from esa.model.linear_modules import (
     is_down_projection,
     matrix_index,
 )
+from esa.parallel.env import all_gather_objects, all_max, world_size
+from esa.parallel.fsdp import scaled_abs, value_at
+from esa.parallel.split import LocalBatch
 from esa.profile.metrics.activation import forward_batches
 from esa.profile.metrics.base import Metric, MetricOptions, MetricResult
 from esa.spec.weights import format_weight, layer_of, matches
@@ -68,6 +71,19 @@ class Spike:
         return col_max
 
 
+def _key_order(key: tuple[str, int | None]) -> tuple[str, int]:
+    return key[0], -1 if key[1] is None else key[1]
+
+
+def _better(a: Spike, b: Spike) -> Spike:
+    """The spike one process scanning every token in order would keep."""
+    if b.token is None:
+        return a
+    if a.token is None or abs(b.value) > abs(a.value) or (abs(b.value) == abs(a.value) and b.token < a.token):
+        return b
+    return a
+
+
 @dataclass
 class _Record:
     weight: LinearWeight
@@ -85,34 +101,58 @@ class _SpikeTracker:
         self.records: dict[tuple[str, int | None], _Record] = {}
         self.batch = 0
         self.seq_len = 1
+        self.first = 0  # position of this rank's first window in the global batch
+        self.real = True
 
-    def start_batch(self, index: int, ids: torch.Tensor) -> None:
-        self.batch, self.seq_len = index, int(ids.shape[-1])
+    def start_batch(self, index: int, part: LocalBatch) -> None:
+        self.batch, self.seq_len = index, int(part.ids.shape[-1])
+        self.first, self.real = part.first, part.real
 
     def _token_of(self, c: Capture) -> Any:
         def token_of(row: int) -> tuple[int, int, int]:
             flat = row if c.token_index is None else int(c.token_index[row])
             seq, pos = divmod(flat, self.seq_len)
-            return (self.batch, seq, pos)
+            return (self.batch, self.first + seq, pos)
         return token_of
 
+    def _record(self, weight: LinearWeight, expert: int | None) -> _Record:
+        key = (weight.param_name, expert)
+        if key not in self.records:
+            zeros = torch.zeros(weight.in_features, dtype=torch.float32, device=weight.param.device)
+            self.records[key] = _Record(weight, expert, zeros)
+        return self.records[key]
+
     def update(self, c: Capture) -> None:
-        key = (c.weight.param_name, c.expert)
-        rec = self.records.get(key)
-        if rec is None:
-            zeros = torch.zeros(c.weight.in_features, dtype=torch.float32,
-                                device=c.weight.param.device)
-            rec = self.records[key] = _Record(c.weight, c.expert, zeros)
+        if not self.real:  # a stand-in forward of a rank with no window in this batch
+            return
+        rec = self._record(c.weight, c.expert)
         token_of = self._token_of(c)
         col_max = rec.inp.offer(c.inputs, token_of)
         torch.maximum(rec.channel_max, col_max.to(rec.channel_max.device), out=rec.channel_max)
         assert c.outputs is not None  # the hooks were installed with want_outputs=True
         rec.out.offer(c.outputs, token_of)
 
+    def merge_ranks(self) -> None:
+        """A sharded job's spikes over every rank's tokens: channel maxima by max, each spike the
+        largest |value| (ties: the earliest token, as one process scanning in order finds it)."""
+        if world_size() == 1:
+            return
+        by_name = {w.param_name: w for w in self.weights}
+        keys = sorted({k for ks in all_gather_objects(list(self.records)) for k in ks}, key=_key_order)
+        for name, expert in keys:
+            all_max(self._record(by_name[name], expert).channel_max)
+        mine = {k: (r.inp, r.out) for k, r in self.records.items()}
+        for theirs in all_gather_objects(mine):
+            for key, (inp, out) in theirs.items():
+                rec = self.records[key]
+                rec.inp, rec.out = _better(rec.inp, inp), _better(rec.out, out)
+
     def candidates(self) -> list[dict[str, Any]]:
         """One candidate per record, largest |output spike| first (ties: |input spike|)."""
         found = []
-        for (name, expert), rec in self.records.items():
+        # One order on every rank: value_at is a collective in a sharded job.
+        for name, expert in sorted(self.records, key=_key_order):
+            rec = self.records[(name, expert)]
             if rec.inp.channel < 0 or rec.out.channel < 0:
                 continue
             w = rec.weight
@@ -129,7 +169,7 @@ class _SpikeTracker:
                 "output_spike": rec.out.value,
                 "input_token": list(rec.inp.token) if rec.inp.token else None,
                 "output_token": list(rec.out.token) if rec.out.token else None,
-                "weight_value": float(w.param.detach()[index]),
+                "weight_value": value_at(w.param, index),
             })
         found.sort(key=lambda d: (-abs(d["output_spike"]), -abs(d["input_spike"])))
         for rank, d in enumerate(found):
@@ -172,11 +212,12 @@ class SuperWeight(Metric):
         tracker = _SpikeTracker(downs)
         with capture_linear_io(downs, tracker.update, want_outputs=True):
             n_tokens = forward_batches(model, batches, on_batch=tracker.start_batch)
+        tracker.merge_ranks()
 
         scores: dict[str, torch.Tensor] = {}
         for w in downs:
             scale = broadcast_inputs(w, tracker.channel_max(w).to(w.param.device))
-            scores[w.param_name] = w.param.detach().abs().float().mul_(scale)
+            scores[w.param_name] = scaled_abs(w.param, scale)
         unscored = [n for n, _ in model.named_parameters()
                     if n not in scores and matches(n, options.include, options.exclude)]
         extras = {"super_weights": tracker.candidates(), "tokens": n_tokens}
@@ -184,6 +225,6 @@ class SuperWeight(Metric):
 
     def finalize(self, accumulators: dict[str, dict[str, torch.Tensor]], counts: dict[str, int],
                  model: nn.Module) -> dict[str, torch.Tensor]:
-        """Not shardable: maxima over tokens do not add across data shards."""
+        """No reduce over data shards: maxima over tokens do not add across them."""
         raise UserError("super_weight keeps maxima over tokens, which do not add across data "
-                        "shards; run it unsharded (it needs a single forward pass)")
+                        "shards; run it without --shard (it needs a single forward pass)")
