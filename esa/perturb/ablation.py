@@ -61,6 +61,9 @@ class Ablation(Metric):
 
     name = "ablation"
     shards_data = False
+    shardable = False
+    not_shardable_because = "perturbs single weights of a whole model one at a time, which FSDP2 splits over ranks"
+    shard_instead = "split the candidates over jobs with shard = 'i/n', then merge them with `esa reduce`"
 
     def score(self, model: torch.nn.Module, batches: Iterable[torch.Tensor],
               options: MetricOptions) -> MetricResult:

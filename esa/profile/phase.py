@@ -93,10 +93,8 @@ class _ResumableFeed:
 
 def _refuse_if_unshardable(metric: Any) -> None:
     if world_size() > 1 and not metric.shardable:
-        raise UserError(f"{metric.name} needs double backward, which an FSDP2-sharded model does not "
-                        f"support: run it with one rank per job (parallel = {{nodes = 1, gpus_per_node = 1}}) "
-                        "and split the calibration windows over jobs with shard = 'i/n', then sum them "
-                        "with `esa reduce`")
+        raise UserError(f"{metric.name} {metric.not_shardable_because}: run it with one rank per job "
+                        f"(parallel = {{nodes = 1, gpus_per_node = 1}}) and {metric.shard_instead}")
 
 
 def _checkpoint_activations(manifest: ProfileManifest, metric: Any, model: Any) -> None:

@@ -170,3 +170,18 @@ def test_cli_writes_the_new_metric_fields(tiny_llama, tmp_path):
                  "--out-dir", str(tmp_path / "o")]) == 0
     manifest = json.loads((tmp_path / "o" / "experiment_manifest.json").read_text())["manifest"]
     assert not {"per_sample", "candidates_from", "n_candidates", "perturbation"} & set(manifest["metric"])
+
+
+@pytest.mark.parametrize("metric, instead", [("obd", "split the calibration windows"),
+                                             ("fisher_obd", "split the calibration windows"),
+                                             ("ablation", "split the candidates")])
+def test_a_sharded_job_refuses_them_with_one_line(metric, instead, monkeypatch):
+    from esa.core.errors import UserError
+    from esa.profile import phase
+
+    monkeypatch.setattr(phase, "world_size", lambda: 2)
+    with pytest.raises(UserError) as err:
+        phase._refuse_if_unshardable(get_metric(metric))
+    text = str(err.value)
+    assert text.startswith(metric + " ") and "\n" not in text and instead in text
+    assert "parallel = {nodes = 1, gpus_per_node = 1}" in text

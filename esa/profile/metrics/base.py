@@ -90,8 +90,12 @@ class Metric(ABC):
     # its candidates and needs every window in every shard).
     shards_data: bool = True
     # False: the metric cannot run on an FSDP2-sharded model (double backward through FSDP's
-    # all-gathers is not supported); a sharded job refuses it before loading the model.
+    # all-gathers is not supported); a sharded job refuses it before loading the model, saying
+    # why (not_shardable_because) and what to do instead (shard_instead).
     shardable: bool = True
+    not_shardable_because: str = "needs double backward, which an FSDP2-sharded model does not support"
+    shard_instead: str = ("split the calibration windows over jobs with shard = 'i/n', then sum them with "
+                          "`esa reduce`")
 
     @abstractmethod
     def score(

@@ -50,6 +50,7 @@ class OBD(Metric):
     resumable = True
     needs_grad = True
     needs_eager_attention = True
+    shardable = False  # hutchinson_diag's / hessian_diag's double backward
 
     def score(self, model: torch.nn.Module, batches: Iterable[torch.Tensor],
               options: MetricOptions) -> MetricResult:
@@ -99,6 +100,10 @@ class FisherOBD(Metric):
     name = "fisher_obd"
     resumable = True
     needs_grad = True
+    # FSDP2 averages gradients over ranks: a per-window gradient would become a mean over ranks' windows.
+    shardable = False
+    not_shardable_because = ("needs each window's (or batch's) own whole gradient and weight, which an "
+                             "FSDP2-sharded model averages over ranks and splits")
 
     def score(self, model: torch.nn.Module, batches: Iterable[torch.Tensor],
               options: MetricOptions) -> MetricResult:
