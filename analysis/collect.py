@@ -37,11 +37,12 @@ STATUSES = STATES
 # Public columns, in display order; `dir` (absolute folder) and a few `_`-free helper
 # columns follow them (see _EXTRA_COLUMNS).
 JOB_COLUMNS = ["id", "phase", "experiment", "model", "metric", "mode", "topk", "seed", "shard",
-               "perturbation", "k", "status", "reason", "path",
+               "perturbation", "k", "ks", "status", "reason", "path",
                "ppl", "nll", "token_accuracy", "flags", "n_ranked", "n_windows",
                "n_targets", "delta_ppl", "delta_nll", "delta_token_accuracy"]
 _EXTRA_COLUMNS = ["dir", "from_scores", "target_mode", "target_metric", "target_job",
-                  "has_full_scores", "has_bottomk", "has_super_weights", "dataset", "seq_len", "model_id"]
+                  "has_full_scores", "has_bottomk", "has_super_weights", "has_candidates", "dataset", "seq_len",
+                  "model_id", "planted"]
 _INT_COLUMNS = ("phase", "topk", "seed", "k", "n_ranked", "n_windows", "n_targets", "seq_len")
 _MARKERS = ("experiment_manifest.json", "error.json")
 _SKIP_DIRS = {"report", "manifests"}  # at the top of RUN: our own output and the plans
@@ -93,16 +94,19 @@ def _manifest_fields(m: dict[str, Any]) -> dict[str, Any]:
                    mode=ranking.get("mode", "per_layer"), topk=ranking.get("topk"),
                    shard=m.get("shard") or "0/1")
     if out["phase"] == 3:
+        k = targets.get("topk")
+        # A dose-response job (a list of k) is listed under its largest k; ks names them all.
         out.update(perturbation=perturbation_label(m.get("perturbation")),
                    from_scores=targets.get("from_scores"), target_mode=targets.get("mode"),
-                   k=targets.get("topk"))
+                   k=max(k) if isinstance(k, list) and k else k,
+                   ks=",".join(str(v) for v in k) if isinstance(k, list) else None)
     return out
 
 
 def _read_phase1(row: dict[str, Any], folder: Path) -> None:
     ev = read_record(EvalRecord, folder)
     row.update(ppl=ev.ppl, nll=ev.nll, token_accuracy=ev.token_accuracy, n_windows=ev.n_windows,
-               flags="; ".join(map(str, ev.flags or [])))
+               flags="; ".join(map(str, ev.flags or [])), planted=_planted(ev.model))
 
 
 def _read_phase2(row: dict[str, Any], folder: Path) -> None:
@@ -112,7 +116,7 @@ def _read_phase2(row: dict[str, Any], folder: Path) -> None:
     row.update(metric=canonical_metric(a.get("metric")) or row["metric"],
                mode=a.get("mode") or row["mode"], topk=a.get("topk", row["topk"]),
                n_windows=a.get("n_windows"), has_full_scores=info.has_scores,
-               has_bottomk=info.has_bottomk,
+               has_bottomk=info.has_bottomk, has_candidates=info.has_candidates,
                has_super_weights=(folder / "super_weights.json").is_file())
     if a.get("shard") not in (None, ""):
         row["shard"] = str(a["shard"])
@@ -134,6 +138,13 @@ def _read_phase3(row: dict[str, Any], folder: Path) -> None:
         row["perturbation"] = perturbation_label(pj.perturbation)
     if row["k"] is None:
         row["k"] = pj.n_targets
+    row["planted"] = _planted(pj.model)
+
+
+def _planted(model: Any) -> str | None:
+    """The planted weights a job recorded with its model (a planted positive control), ';'-joined."""
+    names = (model or {}).get("planted") if isinstance(model, dict) else None
+    return ";".join(map(str, names)) if names else None
 
 
 _PHASE_READERS = {1: _read_phase1, 2: _read_phase2, 3: _read_phase3}

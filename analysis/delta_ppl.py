@@ -111,8 +111,13 @@ def _row(job: pd.Series, pj: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
     return row, draws
 
 
+def _with_k(job: pd.Series, k: int) -> pd.Series:
+    job["k"] = k
+    return job
+
+
 def delta_table(jobs: pd.DataFrame) -> DeltaResult:
-    """One row per complete phase-3 job (the content of delta_ppl.csv).
+    """One row per complete phase-3 job, and per k of a dose-response job (the content of delta_ppl.csv).
 
     Columns: the condition (model, metric, mode, perturbation, k), n_targets, seed, baseline
     and perturbed PPL, ΔPPL, ΔNLL and its CI, Δ token accuracy, then per control ``c``:
@@ -126,9 +131,12 @@ def delta_table(jobs: pd.DataFrame) -> DeltaResult:
             pj = read_record(PerturbationRecord, job["dir"]).to_dict()
         except ResultFileError:
             continue
-        row, d = _row(job, pj)
-        rows.append(row)
-        draws.append(d)
+        # A dose-response job gives one row per k (its by_k entries), each like a single-k job.
+        for entry in pj.get("by_k") or [None]:
+            part = pj if entry is None else {**pj, **entry}
+            row, d = _row(job if entry is None else _with_k(job.copy(), entry["k"]), part)
+            rows.append(row)
+            draws.append(d)
     if not rows:
         return DeltaResult(pd.DataFrame(), [], [])
     controls = sorted({c for d in draws for c in d})

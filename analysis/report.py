@@ -1,8 +1,9 @@
 """``build_report(RUN)``: collect the jobs, compute every table, write RUN/report/.
 
-Outputs (all written atomically): ``report.md``, ``report.html`` (self-contained),
-``jobs.csv``, ``overlap_report.json``, ``stability_summary.json``, ``delta_ppl.csv``,
-``baselines.csv``, ``super_weights.csv`` and ``plots/*.png``.
+Outputs (all written atomically): ``report.md``, ``report.html`` (self-contained; the verdict
+first), ``jobs.csv``, ``verdict.csv``, ``overlap_report.json``, ``stability_summary.json``,
+``delta_ppl.csv``, ``metric_vs_truth.csv``, ``planted.csv``, ``baselines.csv``, ``super_weights.csv``
+and ``plots/*.png``.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ from analysis.collect import JOB_COLUMNS, collect_jobs, problem_jobs
 from analysis.delta_ppl import baseline_table, condition_summary, delta_plots, delta_table
 from analysis.overlap_tables import (PAIR_STATS, OverlapGroup, cross_metric_overlap,
                                      overlap_heatmaps, overlap_json)
+from analysis.planted import planted_table
 from analysis.render import Block, Heading, Image, Para, Table, render_html, render_markdown
 from analysis.stability import (seed_stability, shard_stability, stability_json,
                                 stability_pairs_table, stability_table)
 from analysis.super_weights import super_weight_table
+from analysis.truth import truth_groups, truth_plots, truth_table
+from analysis.verdict import ALPHA, JACCARD_MIN, RATIO_MIN, VERDICT_COLUMNS, verdict_table
 from esa.core.io import atomic_write_json, atomic_write_text
 from esa.results.overlap import GRANULARITIES
 from esa.results.state import DONE, STATES
@@ -111,13 +115,57 @@ def _delta_columns(table: pd.DataFrame, controls: list[str]) -> list[str]:
     return [c for c in cols if c in table.columns]
 
 
+def _verdict_blocks(verdict: pd.DataFrame) -> list[Block]:
+    warnings = sorted({w for w in verdict.get("warning", pd.Series(dtype=object)).dropna() if w})
+    blocks: list[Block] = [Heading("Verdict: what the runbook looks for"), Para(
+        f"Each line checks one of the runbook's signals on one model and metric, with the numbers it rests on "
+        f"(all in verdict.csv, each traceable to the file named in `source`). damage: the targets' ΔPPL at "
+        f"least {RATIO_MIN:g}× the random_k mean and p ≤ {ALPHA:g} (pass); that ratio with p at the smallest "
+        f"value the draws allow but above {ALPHA:g} is inconclusive; bottom_k is one deterministic draw, so "
+        f"it is a reference ratio, not a p-value. stability: top-k Jaccard across seeds > {JACCARD_MIN:g}. "
+        f"agreement: Jaccard of grad×w, grad² and Hutchinson > {JACCARD_MIN:g}. ground truth: how well the "
+        "metric's ranking predicts the exactly measured damage (ablation). positive control: the weights "
+        "planted in a model must rank first.")]
+    blocks.append(Table(verdict, VERDICT_COLUMNS[:-2] + ["source"], empty_text="nothing to judge yet"))
+    for w in warnings:
+        blocks.append(Para(f"Warning: {w}."))
+    return blocks
+
+
+def _truth_blocks(truth: pd.DataFrame, plots: list[tuple[Path, str]]) -> list[Block]:
+    blocks: list[Block] = [Heading("Ground truth: which metric predicts damage"), Para(
+        "Each ablation job measured the exact change of the mean NLL of its calibration windows when each "
+        "candidate weight alone is perturbed. For every other metric on the same model: precision@k = |the "
+        "metric's top-k ∩ the k most damaging| / k over the same candidates, and Spearman / Kendall of its "
+        "scores with the true ΔNLL (metric_vs_truth.csv; definitions in analysis/truth.py).")]
+    if not truth.empty:
+        cols = ["model", "metric", "k", "precision_at_k", "hits", "spearman", "kendall", "n_candidates",
+                "n_scored", "score_source", "truth_id", "metric_id"]
+        blocks.append(Table(truth, cols))
+    else:
+        blocks.append(Para("No complete ablation job (esa profile --metric ablation --candidates-from ...)."))
+    blocks += [Image(p, cap) for p, cap in plots]
+    return blocks
+
+
+def _planted_blocks(planted: pd.DataFrame) -> list[Block]:
+    if planted.empty:
+        return []
+    return [Heading("Positive control: planted weights"), Para(
+        "Models built with a known super weight (esa:tiny-<arch>-planted: a cancelling pair that wrecks the "
+        "model when either weight is zeroed) list the planted weights. Each phase-2 job's rank of them over "
+        "everything it ranked (1 = highest); found = they are its top-ranked weights."),
+        Table(planted, ["model", "metric", "seed", "ranks", "found", "scores", "rank_source", "id"])]
+
+
 def _blocks(run: Path, jobs: pd.DataFrame, parts: dict[str, Any]) -> list[Block]:
     problems = problem_jobs(jobs)
     n_ok = int((jobs["status"] == DONE).sum()) if not jobs.empty else 0
     blocks: list[Block] = [
         Heading(f"ESA report: {run.name}", 1),
         Para(f"Run folder {run} · generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} · "
-             f"{len(jobs)} jobs, {n_ok} complete, {len(problems)} not complete."),
+             f"{len(jobs)} jobs, {n_ok} done, {len(problems)} not done."),
+        *_verdict_blocks(parts["verdict"]),
         Heading("Job status"), Table(_status_counts(jobs), empty_text="no jobs found"),
         Heading("Missing, failed, incomplete and corrupt jobs"),
         Table(problems, _PROBLEM_COLUMNS, empty_text="none: every job is complete"),
@@ -141,6 +189,8 @@ def _blocks(run: Path, jobs: pd.DataFrame, parts: dict[str, Any]) -> list[Block]
         Table(delta.table, _delta_columns(delta.table, delta.controls),
               empty_text="no complete phase-3 jobs")]
     blocks += [Image(p, cap) for p, cap in parts["delta_plots"]]
+    blocks += _truth_blocks(parts["truth"], parts["truth_plots"])
+    blocks += _planted_blocks(parts["planted"])
     blocks += [Heading("Super-weight candidates and their gradient ranks"), Para(
         "Candidates of the super_weight detector (rank 0 = largest output spike) with the rank "
         "of the same weight under grad_x_weight on the same model: within its tensor and over "
@@ -186,10 +236,13 @@ def write_report(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str
     groups = cross_metric_overlap(jobs)
     seeds, shards = seed_stability(jobs), shard_stability(jobs)
     delta = delta_table(jobs)
+    truths = truth_groups(jobs)
     parts = {"baselines": baseline_table(jobs), "overlap": groups,
              "heatmaps": overlap_heatmaps(groups, plots), "seeds": seeds, "shards": shards,
              "delta": delta, "conditions": condition_summary(delta.table),
-             "delta_plots": delta_plots(delta, plots), "super_weights": super_weight_table(jobs)}
+             "delta_plots": delta_plots(delta, plots), "super_weights": super_weight_table(jobs),
+             "truth": truth_table(truths), "truth_plots": truth_plots(truths, plots), "planted": planted_table(jobs)}
+    parts["verdict"] = verdict_table(delta.table, seeds, groups, parts["truth"], parts["planted"])
     public = [c for c in JOB_COLUMNS if c in jobs.columns]
     atomic_write_text(report / "jobs.csv", jobs[public].to_csv(index=False) if not jobs.empty else "")
     atomic_write_json(report / "overlap_report.json", _plain(overlap_json(groups)))
@@ -197,6 +250,9 @@ def write_report(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str
     atomic_write_text(report / "delta_ppl.csv", delta.table.to_csv(index=False))
     atomic_write_text(report / "baselines.csv", parts["baselines"].to_csv(index=False))
     atomic_write_text(report / "super_weights.csv", parts["super_weights"].to_csv(index=False))
+    atomic_write_text(report / "metric_vs_truth.csv", parts["truth"].to_csv(index=False))
+    atomic_write_text(report / "planted.csv", parts["planted"].to_csv(index=False))
+    atomic_write_text(report / "verdict.csv", parts["verdict"].to_csv(index=False))
     blocks = _blocks(run, jobs, parts)
     blocks.append(Para(f"Built in {time.perf_counter() - t0:.1f} s by `python -m analysis`."))
     atomic_write_text(report / "report.md", render_markdown(blocks, report))

@@ -26,7 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--target-list", "--target_list", dest="target_list", default=None, metavar="CSV",
                    help="CSV with the columns of top_weights.csv, or param,index")
     t.add_argument("--from-scores", default=None, metavar="SCORES_H5", help="take the top-k of this ranking")
-    t.add_argument("--topk", type=positive_int, default=None, help="with --from-scores: how many (default: all ranked)")
+    t.add_argument("--topk", type=k_list, default=None, metavar="K[,K...]",
+                   help="with --from-scores: how many (default: all ranked); several, e.g. 1,10,100,1000: a "
+                        "dose-response sweep in one job, each k against its own matched controls")
     t.add_argument("--mode", default=None, choices=MODES, help="with --from-scores: the ranking mode it must hold")
     p.add_argument("--seed", type=int, default=None, help="seed of random perturbations and control draws")
     p.add_argument("--out-dir", default=None, help="output folder (default: outputs/<model name>/perturb_<name>)")
@@ -34,6 +36,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--experiment", default=None, help="experiment name recorded in the manifest")
     add_logging_flags(p)
     p.set_defaults(func=run)
+
+
+def k_list(text: str) -> int | list[int]:
+    """argparse type: '100' -> 100, '1,10,100' -> [1, 10, 100] (each k >= 1)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        ks = [positive_int(p) for p in parts]
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"--topk takes k or k1,k2,...: {exc}") from None
+    if not ks:
+        raise argparse.ArgumentTypeError(f"--topk takes k or k1,k2,..., got '{text}'")
+    return ks[0] if len(ks) == 1 else ks
 
 
 def manifest_of(args: argparse.Namespace) -> Manifest:
@@ -57,6 +71,6 @@ def run(args: argparse.Namespace) -> int:
     summary = run_manifest(manifest_of(args))
     if not args.quiet:
         print(json.dumps({k: summary[k] for k in ("baseline_ppl", "perturbed_ppl", "delta_ppl", "delta_nll",
-                                                  "controls")}, indent=2, default=str))
+                                                  "controls", "by_k") if k in summary}, indent=2, default=str))
         print(f"wrote {summary['perturbation_json']}")
     return 0

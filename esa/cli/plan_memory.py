@@ -14,7 +14,7 @@ from typing import Any
 from esa.cli.options import HELP_FORMATTER, positive_int
 
 _METRICS = ("magnitude", "grad_x_weight", "grad_squared", "hessian_diag", "hutchinson_diag", "act_mag",
-            "activation_magnitude", "super_weight", "baseline", "perturb")
+            "activation_magnitude", "super_weight", "obd", "fisher_obd", "ablation", "baseline", "perturb")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -16,7 +16,7 @@ from esa.cli.options import (HELP_FORMATTER, add_data_flags, add_logging_flags, 
                              data_section, default, given, positive_int)
 from esa.cli.perturb_options import add_perturbation_flags, perturbation_sections, phase3_data, wants_perturbation
 from esa.spec.manifest import MODES, MetricSpec, Outputs, RankingSpec
-from esa.spec.names import METRICS
+from esa.spec.names import METRICS, PERTURBATIONS
 
 
 def seed_list(text: str) -> list[int]:
@@ -52,15 +52,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="skip parameters whose name matches; repeatable")
     g.add_argument("--probes", type=positive_int, default=None,
                    help="hutchinson_diag: Rademacher probes per batch" + default(MetricSpec, "probes"))
-    g.add_argument("--candidates", action="append", default=None, metavar="PARAM:I,J",
-                   help="hessian_diag: score only these weights; repeatable")
+    g.add_argument("--candidates", action="append", default=None, metavar="N|PARAM:I,J",
+                   help="hessian_diag, obd, ablation: N = the first N weights of each --candidates-from file, or "
+                        "a weight PARAM:I,J to score; repeatable")
+    g.add_argument("--candidates-from", action="append", default=None, metavar="FILE",
+                   help="hessian_diag, obd, ablation: take candidates from a scores.h5 (its top-k, best first), "
+                        "a super_weights.json (by rank) or a targets CSV (file order); repeatable (union)")
     g.add_argument("--max-exact-coords", type=positive_int, default=None,
-                   help="hessian_diag: refuse more exact coordinates than this" + default(MetricSpec, "max_exact_coords"))
+                   help="hessian_diag, obd: refuse more exact coordinates than this" + default(MetricSpec, "max_exact_coords"))
+    g.add_argument("--per-sample", action="store_true", default=None,
+                   help="fisher_obd: squared gradients of each window's loss instead of each batch's")
+    g.add_argument("--ablate", default=None, metavar="NAME",
+                   help="ablation: the perturbation applied to each candidate (default: zero); any of "
+                        + ", ".join(PERTURBATIONS.names()))
+    g.add_argument("--ablate-param", action="append", default=None, metavar="KEY=VALUE",
+                   help="ablation: a parameter of --ablate, e.g. scale=-1 or sigma=0.1; repeatable")
     g.add_argument("--pool-size", type=positive_int, default=None,
                    help="the seed draws --max-samples calibration windows from the first N (default: all); "
                         "seeds then share the pool, not the windows")
     g.add_argument("--shard", default=None, metavar="I/N",
-                   help="score only slice I of N of the calibration windows (sum them with esa reduce)")
+                   help="score only slice I of N of the calibration windows (sum them with esa reduce); "
+                        "ablation: slice I of N of its candidates (esa reduce merges them)")
     g.add_argument("--activation-checkpointing", action="store_true", default=None,
                    help="first-order gradient metrics: recompute each decoder block's activations in backward "
                         "(less memory, same scores)")
@@ -94,13 +106,48 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def candidate_flags(values: list[str] | None) -> dict[str, object]:
+    """--candidates values -> {candidates: [PARAM:I,J...], n_candidates: N} (only what was given)."""
+    from esa.core.errors import UserError
+
+    weights, counts = [], []
+    for v in values or []:
+        (counts if v.strip().isdigit() else weights).append(v.strip())
+    if len(counts) > 1:
+        raise UserError(f"--candidates N was given {len(counts)} times ({', '.join(counts)}); give one N")
+    if counts and int(counts[0]) < 1:
+        raise UserError("--candidates N needs N >= 1")
+    return given(candidates=weights or None, n_candidates=int(counts[0]) if counts else None)
+
+
+def ablate_section(name: str | None, params: list[str] | None) -> dict[str, object] | None:
+    """--ablate NAME --ablate-param KEY=VALUE... -> the metric's perturbation section (None: not given)."""
+    from esa.core.errors import UserError
+
+    if name is None and not params:
+        return None
+    values: dict[str, object] = {}
+    for item in params or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--ablate-param takes KEY=VALUE, got '{item}'")
+        try:
+            values[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            values[key.strip()] = text
+    return {"name": name or "zero", "params": values}
+
+
 def manifest_of(args: argparse.Namespace, seed: int, out_dir: str):  # type: ignore[no-untyped-def]
     """The phase-2 manifest these flags describe for one seed."""
     args = argparse.Namespace(**{**vars(args), "seed": seed})
     return build_manifest(
         2, args, out_dir, data={**data_section(args), **given(pool_size=args.pool_size)},
         metric={"name": args.metric, **given(probes=args.probes, include=args.include, exclude=args.exclude,
-                                             candidates=args.candidates, max_exact_coords=args.max_exact_coords)},
+                                             max_exact_coords=args.max_exact_coords,
+                                             candidates_from=args.candidates_from, per_sample=args.per_sample,
+                                             perturbation=ablate_section(args.ablate, args.ablate_param)),
+                **candidate_flags(args.candidates)},
         ranking=given(mode=args.mode, topk=args.topk), **given(shard=args.shard),
         parallel=given(activation_checkpointing=args.activation_checkpointing),
         outputs=given(save_scores=args.save_scores, score_dtype=args.score_dtype, compression=args.compression,

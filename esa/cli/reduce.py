@@ -12,7 +12,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reduce", help="sum phase-2 shards (--shard i/n) into one scores.h5",
                        formatter_class=HELP_FORMATTER,
                        description="Sum the additive accumulators of `esa profile --shard i/n` jobs and "
-                       "write the final OUT/scores.h5, equal to an unsharded run.")
+                       "write the final OUT/scores.h5, equal to an unsharded run (ablation shards, which "
+                       "split the candidates, are merged row by row; ablation.csv is written too).")
     p.add_argument("shards", nargs="+", help="the shards' scores.h5 files or their folders")
     p.add_argument("--out-dir", required=True, help="output folder")
     add_logging_flags(p)

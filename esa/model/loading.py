@@ -32,11 +32,18 @@ class LoadedModel:
     spec: ModelSpec
 
     def describe(self) -> dict[str, Any]:
-        """JSON-ready description for manifests and reports."""
-        return {**asdict(self.spec), "resolved_device": str(self.device),
-                "resolved_dtype": dtype_name(self.dtype), "source": self.source,
-                "class": model_class_name(self.model),
-                "n_parameters": sum(p.numel() for p in self.model.parameters())}
+        """JSON-ready description for manifests and reports (with `planted`: the weights a planted
+        model's esa_planted.json names, for a model built with a known super weight)."""
+        out = {**asdict(self.spec), "resolved_device": str(self.device),
+               "resolved_dtype": dtype_name(self.dtype), "source": self.source,
+               "class": model_class_name(self.model),
+               "n_parameters": sum(p.numel() for p in self.model.parameters())}
+        planted = Path(self.source) / "esa_planted.json"
+        if planted.is_file():
+            import json
+
+            out["planted"] = json.loads(planted.read_text()).get("weights", [])
+        return out
 
 
 def model_class_name(model: Any) -> str:
@@ -71,6 +78,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 BUILTIN_PREFIX = "esa:tiny-"
+PLANTED_SUFFIX = "-planted"
 
 
 def builtin_model_dir(model_id: str) -> Path:
@@ -79,13 +87,16 @@ def builtin_model_dir(model_id: str) -> Path:
     ESA_TINY_STEPS sets its training steps (default esa.model.tiny.BUILTIN_TRAIN_STEPS); each value is
     cached separately.
     """
-    from esa.model.tiny import ARCHS, BUILTIN_TRAIN_STEPS, builtin_tiny_model
+    from esa.model.tiny import ARCHS, BUILTIN_TRAIN_STEPS, builtin_planted_model, builtin_tiny_model
 
     arch = model_id[len(BUILTIN_PREFIX):]
+    planted = arch.endswith(PLANTED_SUFFIX)
+    arch = arch.removesuffix(PLANTED_SUFFIX)
     if arch not in ARCHS:
-        raise UserError(f"unknown built-in model '{model_id}'; use esa:tiny-<arch> with arch one of "
-                        f"{', '.join(ARCHS)}")
-    return builtin_tiny_model(arch, train_steps=int(os.environ.get("ESA_TINY_STEPS", BUILTIN_TRAIN_STEPS)))
+        raise UserError(f"unknown built-in model '{model_id}'; use esa:tiny-<arch> (or esa:tiny-<arch>-planted, "
+                        f"with a planted super weight) with arch one of {', '.join(ARCHS)}")
+    build = builtin_planted_model if planted else builtin_tiny_model
+    return build(arch, train_steps=int(os.environ.get("ESA_TINY_STEPS", BUILTIN_TRAIN_STEPS)))
 
 
 def _looks_like_path(model_id: str) -> bool:

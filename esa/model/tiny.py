@@ -34,6 +34,10 @@ SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 # Training steps of the built-in model (esa:tiny-<arch>, make demo): ~2 minutes on 2 cores.
 BUILTIN_TRAIN_STEPS = 300
+# The positive control esa:tiny-<arch>-planted: the built-in model with esa.model.planting's
+# cancelling pair in block 1 (down[5, 7] and down[5, 11]); the pair is listed in PLANTED_FILE.
+PLANTED = {"layer": 1, "row": 5, "col": 7, "col2": 11}
+PLANTED_FILE = "esa_planted.json"
 
 
 @dataclass(frozen=True)
@@ -243,4 +247,37 @@ def builtin_tiny_model(arch: str = "llama", train_steps: int = BUILTIN_TRAIN_STE
 
                 shutil.rmtree(path)
             tmp.replace(path)
+    return path
+
+
+def builtin_planted_model(arch: str = "llama", train_steps: int = BUILTIN_TRAIN_STEPS, seed: int = 0) -> Path:
+    """The built-in model with a planted cancelling pair (esa:tiny-<arch>-planted), built once and cached.
+
+    A copy of :func:`builtin_tiny_model` with :func:`esa.model.planting.plant_super_weight` applied at
+    PLANTED (V = 10⁴ times the largest |W| of that down projection); PLANTED_FILE next to the weights
+    names the two planted weights, which the jobs record with the model (LoadedModel.describe)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from esa.model.planting import DEFAULT_RELATIVE_MAGNITUDE, plant_super_weight
+
+    base = builtin_tiny_model(arch, train_steps, seed)
+    path = base.with_name(f"{base.name}-planted")
+    with _build_lock(path):
+        if not (path / PLANTED_FILE).exists():
+            quiet_transformers()
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+            weights = plant_super_weight(model, **PLANTED)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+            model.save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
+            (tmp / "esa_tiny.json").write_text((base / "esa_tiny.json").read_text())
+            atomic_write_json(tmp / PLANTED_FILE, {
+                "weights": weights, **PLANTED, "relative_magnitude": DEFAULT_RELATIVE_MAGNITUDE,
+                "base_model": base.name, "construction": "esa.model.planting.plant_super_weight"})
+            if path.exists():
+                import shutil
+
+                shutil.rmtree(path)
+            tmp.replace(path)
+            log.info("planted %s in a copy of the built-in tiny %s (%s)", ", ".join(weights), arch, path)
     return path

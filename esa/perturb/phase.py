@@ -39,13 +39,17 @@ def _ranked_rows(path: str, k: int | None, mode: str | None, group: str) -> list
     return [(p, i) for p, i, _ in rows]
 
 
-def resolve_target_refs(targets: TargetsSpec) -> list[Any]:
-    """Target references from explicit weights, a CSV list, or a scores.h5 ranking."""
+def resolve_target_refs(targets: TargetsSpec, k: int | None = None) -> list[Any]:
+    """Target references from explicit weights, a CSV list, or the top k of a scores.h5 ranking
+    (k: one k of a sweep; default: targets.topk, the largest k of a sweep)."""
+    ks = targets.ks()
+    if len(ks) > 1 and not targets.from_scores:
+        raise UserError("a list of k (a dose-response sweep) takes the top k of a ranking: give --from-scores")
     refs: list[Any] = list(targets.weights)
     if targets.list:
         refs += read_target_list(targets.list)
     if targets.from_scores:
-        refs += _ranked_rows(targets.from_scores, targets.topk, targets.mode, "topk")
+        refs += _ranked_rows(targets.from_scores, k if k is not None else ks[-1], targets.mode, "topk")
     if not refs:
         raise UserError("no targets: give --target, --target-list or --from-scores")
     return refs
@@ -131,23 +135,10 @@ def _evaluate_or_inf(model: Any, ids: torch.Tensor, batch_size: int, desc: str) 
         return EvalFigures.non_finite(*ids.shape)
 
 
-def run_perturb(manifest: PerturbManifest, out: Path) -> dict[str, Any]:
-    """Baseline, perturbed and control evaluations; writes perturbation.json (rank 0; every rank of a
-    sharded job runs it)."""
-    seed = manifest.seed
-    seed_everything(seed)
-    pert = perturbation_from_spec(manifest.perturbation)
-    names = list(manifest.controls.names)
-    batch_size = manifest.data.batch_size
-    assert batch_size is not None
-    check_targets_early(manifest)
-    loaded, windows = load_model_and_windows(manifest)
-    model, ids = loaded.model, windows.ids.to(loaded.device)
-    targets = resolve_targets(model, resolve_target_refs(manifest.targets))
-    log.info("%s on %d target weights; controls %s", pert, len(targets), names or "none")
-    t0 = time.perf_counter()
-    base = _reuse_baseline(manifest.baseline.eval_json, len(ids), windows.fingerprint, loaded) \
-        or evaluate(model, ids, batch_size, desc="baseline")
+def _measure(model: Any, ids: torch.Tensor, batch_size: int, targets: list[WeightTarget], pert: Any,
+             base: EvalFigures, manifest: PerturbManifest) -> dict[str, Any]:
+    """Perturbed and control evaluations of one target set against the baseline `base`."""
+    seed, names = manifest.seed, list(manifest.controls.names)
     with perturbed(model, targets, pert, cpu_generator(seed)) as applied:
         hit = applied.records()
         pert_eval = _evaluate_or_inf(model, ids, batch_size, "perturbed")
@@ -176,25 +167,56 @@ def run_perturb(manifest: PerturbManifest, out: Path) -> dict[str, Any]:
         control_out[name] = entry
         log.info("%s: target ΔPPL %.4g vs control mean %.4g (p = %.3g, z = %.3g)", name, delta_ppl,
                  entry["mean"], entry["p_value"], entry["z"])
+    return {"n_targets": len(targets), "targets": [t.name for t in targets], "applied": hit,
+            "perturbed": pert_eval.summary(), "perturbed_finite": pert_eval.finite,  # false: NaN/Inf loss
+            "delta_ppl": delta_ppl, "delta_nll": delta_nll,
+            "delta_token_accuracy": pert_eval.token_accuracy - base.token_accuracy,
+            "delta_nll_ci": None if ci is None else {"low": ci.low, "high": ci.high, "alpha": ci.alpha,
+                                                     "n_boot": ci.n_boot,
+                                                     "method": "paired per-window bootstrap, percentile"},
+            "controls": control_out, "perturbed_per_window_nll": pert_eval.per_window_nll}
+
+
+def run_perturb(manifest: PerturbManifest, out: Path) -> dict[str, Any]:
+    """Baseline, perturbed and control evaluations (at each k of a sweep); writes perturbation.json
+    (rank 0; every rank of a sharded job runs it)."""
+    seed = manifest.seed
+    seed_everything(seed)
+    pert = perturbation_from_spec(manifest.perturbation)
+    batch_size = manifest.data.batch_size
+    assert batch_size is not None
+    check_targets_early(manifest)
+    loaded, windows = load_model_and_windows(manifest)
+    model, ids = loaded.model, windows.ids.to(loaded.device)
+    ks = manifest.targets.ks()
+    target_sets = [resolve_targets(model, resolve_target_refs(manifest.targets, k)) for k in ks]
+    log.info("%s on %s target weights; controls %s", pert, "/".join(str(len(t)) for t in target_sets),
+             list(manifest.controls.names) or "none")
+    t0 = time.perf_counter()
+    base = _reuse_baseline(manifest.baseline.eval_json, len(ids), windows.fingerprint, loaded) \
+        or evaluate(model, ids, batch_size, desc="baseline")
+    results = []
+    for k, targets in zip(ks, target_sets):
+        if len(ks) > 1:
+            log.info("k = %d: %d targets", k, len(targets))
+        results.append(_measure(model, ids, batch_size, targets, pert, base, manifest))
+    main = results[-1]  # a sweep's largest k fills the single-k fields
     record = PerturbationRecord(
-        perturbation=pert.describe(), n_targets=len(targets), targets=[t.name for t in targets], applied=hit,
-        baseline=base.summary(), perturbed=pert_eval.summary(), delta_ppl=delta_ppl, delta_nll=delta_nll,
-        perturbed_finite=pert_eval.finite,  # false: the loss became NaN/Inf (deltas are null)
-        delta_token_accuracy=pert_eval.token_accuracy - base.token_accuracy,
-        delta_nll_ci=None if ci is None else {"low": ci.low, "high": ci.high, "alpha": ci.alpha, "n_boot": ci.n_boot,
-                                              "method": "paired per-window bootstrap, percentile"},
-        controls=control_out, baseline_per_window_nll=base.per_window_nll,
-        perturbed_per_window_nll=pert_eval.per_window_nll, n_windows=len(ids), n_tokens=pert_eval.n_tokens,
-        seconds=time.perf_counter() - t0, data=windows.info(), model=loaded.describe(), manifest_id=manifest.id)
+        perturbation=pert.describe(), baseline=base.summary(), baseline_per_window_nll=base.per_window_nll,
+        n_windows=len(ids), n_tokens=base.n_tokens, seconds=time.perf_counter() - t0, data=windows.info(),
+        model=loaded.describe(), manifest_id=manifest.id, **main,
+        by_k=[{"k": k, **r} for k, r in zip(ks, results)] if len(ks) > 1 else None)
     if is_rank0():
         write_record(out, record)
-    if manifest.outputs.save_plots and control_out and is_rank0():
+    if manifest.outputs.save_plots and main["controls"] and is_rank0():
         from esa.perturb.plots import save_perturbation_plot
 
-        save_perturbation_plot(out / "plots" / "perturbation_vs_controls.png", delta_ppl, control_out)
-    log.info("ΔPPL %+.4g (ΔNLL %+.4g, 95%% CI %s); baseline PPL %.4g -> %.4g", delta_ppl, delta_nll,
-             "n/a" if ci is None else f"[{ci.low:.4g}, {ci.high:.4g}]", base.ppl, pert_eval.ppl)
-    return {"delta_ppl": delta_ppl, "delta_nll": delta_nll, "n_targets": len(targets),
-            "baseline_ppl": base.ppl, "perturbed_ppl": pert_eval.ppl,
-            "controls": {k: {"p_value": v["p_value"], "z": v["z"]} for k, v in control_out.items()},
+        save_perturbation_plot(out / "plots" / "perturbation_vs_controls.png", main["delta_ppl"], main["controls"])
+    ci = main["delta_nll_ci"]
+    log.info("ΔPPL %+.4g (ΔNLL %+.4g, 95%% CI %s); baseline PPL %.4g -> %.4g", main["delta_ppl"], main["delta_nll"],
+             "n/a" if ci is None else f"[{ci['low']:.4g}, {ci['high']:.4g}]", base.ppl, main["perturbed"]["ppl"])
+    return {"delta_ppl": main["delta_ppl"], "delta_nll": main["delta_nll"], "n_targets": main["n_targets"],
+            "baseline_ppl": base.ppl, "perturbed_ppl": main["perturbed"]["ppl"],
+            "controls": {k: {"p_value": v["p_value"], "z": v["z"]} for k, v in main["controls"].items()},
+            **({"by_k": [{"k": k, "delta_ppl": r["delta_ppl"]} for k, r in zip(ks, results)]} if len(ks) > 1 else {}),
             "perturbation_json": str(out / PerturbationRecord.FILE)}

@@ -29,9 +29,11 @@ def forward_flops_per_token(s: ModelShape, seq_len: int, attention: str) -> floa
 def passes(metric: str, probes: int = 1, control_evals: int = 20, coords: int = 1) -> float:
     """Forward-pass equivalents per batch: perturb evaluates the baseline, the perturbation and
     each control draw; hutchinson_diag = forward + backward + probes HVPs; hessian_diag one
-    HVP per exact coordinate."""
+    HVP per exact coordinate; ablation the unperturbed forward and one forward per candidate (`coords`)."""
     if metric == "perturb":
         return 2.0 + control_evals
+    if metric == "ablation":
+        return 1.0 + coords
     if metric == "hutchinson_diag":
         return 3.0 + HVP_PASSES * probes
     if metric == "hessian_diag":

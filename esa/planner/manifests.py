@@ -26,6 +26,8 @@ AUTO_TIME_MIN_MIN = 30
 # "auto" host memory: rank 0 of a node reads the full weights before sharding them; every rank also
 # needs its process, CUDA context, tokenizer and data.
 HOST_PER_RANK_BYTES = 8 * 1024**3
+# Candidates planned per candidates_from file of an ablation job that takes every weight a file lists.
+ABLATION_FILE_CANDIDATES = 100
 
 
 def manifest_job(manifest: Manifest) -> dict[str, Any]:
@@ -36,7 +38,12 @@ def manifest_job(manifest: Manifest) -> dict[str, Any]:
                            "dtype": model.dtype, "attention": model.attention, "samples": data.max_samples,
                            "device": "cpu" if model.device == "cpu" else "cuda", "name": model.id}
     if manifest.PHASE == 2:
-        job["probes"] = manifest.metric.probes  # type: ignore[attr-defined]
+        spec = manifest.metric  # type: ignore[attr-defined]
+        job["probes"] = spec.probes
+        if spec.name == "ablation":  # at most this many candidates (a file may list fewer; n_candidates null:
+            # every weight a file lists, unknown before the file exists: planned as ABLATION_FILE_CANDIDATES)
+            per_file = spec.n_candidates or ABLATION_FILE_CANDIDATES
+            job["coords"] = max(1, len(spec.candidates) + per_file * len(spec.candidates_from))
         job["activation_checkpointing"] = manifest.parallel.activation_checkpointing
     if manifest.PHASE == 3:
         controls = manifest.controls  # type: ignore[attr-defined]

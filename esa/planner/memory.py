@@ -22,10 +22,15 @@ __all__ = ["METRICS", "PARTS", "Layout", "MemoryPlan", "canonical_metric", "cand
            "smallest_layout"]
 
 METRICS = ("magnitude", "grad_x_weight", "grad_squared", "hessian_diag", "hutchinson_diag", "act_mag",
-           "super_weight", "baseline", "perturb")
+           "super_weight", "obd", "fisher_obd", "ablation", "baseline", "perturb")
 ALIASES = {"activation_magnitude": "act_mag"}
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-CURVATURE = ("hutchinson_diag", "hessian_diag")
+CURVATURE = ("hutchinson_diag", "hessian_diag", "obd")
+# Metrics planned as another whose memory and passes they share: obd keeps hutchinson_diag's sums (and
+# scales them by ½·w² in place), fisher_obd grad_squared's.
+PLANNED_AS = {"obd": "hutchinson_diag", "fisher_obd": "grad_squared"}
+# Metrics esa refuses on a sharded model (esa.profile.metrics: shardable = False): one GPU per job.
+UNSHARDABLE = (*CURVATURE, "fisher_obd", "ablation")
 DEFAULT_SAMPLES = 128  # windows per job when none are given (time estimate, batch count)
 
 
@@ -58,9 +63,22 @@ def _notes(s: ModelShape, metric: str, attention: str, requested: str, T: int, c
                      "the backward's temporaries by the chunk size, so small tensors can need more")
     if s.max_positions and T > int(s.max_positions):
         notes.append(f"seq_len {T} exceeds the model's context ({s.max_positions}); esa refuses it")
+    if metric in PLANNED_AS:
+        notes.append(f"{metric} planned as {PLANNED_AS[metric]} (the same sums, scaled by ½·w² in place)"
+                     + ("; exact on candidates: as hessian_diag" if metric == "obd" else
+                        "; --per-sample runs one backward per window: time x batch_size" if metric == "fisher_obd"
+                        else ""))
+    if metric == "ablation":
+        notes.append("ablation: forward only, plus the output of one block for every calibration window; time "
+                     "= one forward of every window per candidate (an upper bound: a candidate in block s skips "
+                     "the s blocks before it)")
     if world > 1 and metric in CURVATURE:
         notes.append(f"esa refuses {metric} on a sharded model (FSDP2 has no double backward): run it on one "
                      "GPU per job and split the windows over jobs (shard = 'i/n', then esa reduce)")
+    elif world > 1 and metric in UNSHARDABLE:
+        notes.append(f"esa refuses {metric} on a sharded model: run it on one GPU per job and split the "
+                     + ("candidates" if metric == "ablation" else "windows") + " over jobs (shard = 'i/n', "
+                     "then esa reduce)")
     elif world > 1:
         notes.append("multi-GPU layouts assume FSDP2 sharding of weights and fp32 sums "
                      "(embedding, lm_head and each block wrapped separately)")
@@ -71,7 +89,7 @@ def plan_job(config: str | dict[str, Any], metric: str, *, seq_len: int, batch_s
              attention: str = "sdpa", nodes: int = 1, gpus_per_node: int = 1,
              activation_checkpointing: bool = False, gpu_memory_bytes: int | None = None,
              gpu: str | GpuSpec | None = None, mfu: float = 0.35, samples: int | None = None, probes: int = 1,
-             control_evals: int = 20, device: str = "cuda", name: str | None = None) -> MemoryPlan:
+             control_evals: int = 20, coords: int = 1, device: str = "cuda", name: str | None = None) -> MemoryPlan:
     """Predict the peak memory per GPU (and time) of one ESA job.
 
     config: a config.json dict, or anything `load_config` accepts. metric: a phase-2 metric,
@@ -79,7 +97,8 @@ def plan_job(config: str | dict[str, Any], metric: str, *, seq_len: int, batch_s
     data.batch_size): a sharded job splits it over its GPUs, so each holds ceil(batch_size / GPUs)
     windows at a time. gpu: a preset name or
     GpuSpec for the time estimate (and the memory, unless gpu_memory_bytes is given).
-    samples: calibration/evaluation windows (time estimate, number of batches; default 128). device='cpu'
+    samples: calibration/evaluation windows (time estimate, number of batches; default 128). coords: the
+    exact coordinates of hessian_diag, or the candidates of ablation (time estimate). device='cpu'
     drops the GPU-only parts (used to validate against CPU measurements).
     """
     metric = canonical_metric(metric)
@@ -105,8 +124,8 @@ def plan_job(config: str | dict[str, Any], metric: str, *, seq_len: int, batch_s
     label = name or (config if isinstance(config, str) else str(config.get("_name_or_path") or config.get("model_type")))
     s = model_shape(load_config(config))
     layout = Layout(nodes, gpus_per_node)
-    job = JobStages(s, metric, -(-batch_size // layout.world), seq_len, DTYPE_BYTES[dtype], attention, layout.world,
-               activation_checkpointing and metric not in CURVATURE, device, probes,
+    job = JobStages(s, PLANNED_AS.get(metric, metric), -(-batch_size // layout.world), seq_len, DTYPE_BYTES[dtype],
+                    attention, layout.world, activation_checkpointing and metric not in CURVATURE, device, probes,
                math.ceil((samples or DEFAULT_SAMPLES) / batch_size))
     stages = {k: _complete(v, device) for k, v in job.stages().items()}
     peak = max(stages, key=lambda k: stages[k]["total"])
@@ -115,9 +134,9 @@ def plan_job(config: str | dict[str, Any], metric: str, *, seq_len: int, batch_s
         gpu_memory_bytes = spec.memory_bytes
     time = None
     if spec is not None:
-        time = estimate_time(s, metric, seq_len=seq_len, samples=samples or DEFAULT_SAMPLES, attention=attention,
-                             gpus=layout.world, peak_flops=spec.peak_flops(dtype), mfu=mfu, gpu=spec.name,
-                             probes=probes, control_evals=control_evals)
+        time = estimate_time(s, PLANNED_AS.get(metric, metric), seq_len=seq_len, samples=samples or DEFAULT_SAMPLES,
+                             attention=attention, gpus=layout.world, peak_flops=spec.peak_flops(dtype), mfu=mfu,
+                             gpu=spec.name, probes=probes, control_evals=control_evals, coords=coords)
     settings = {"seq_len": seq_len, "batch_size": batch_size, "dtype": dtype, "attention": attention,
                 "activation_checkpointing": bool(activation_checkpointing), "probes": probes, "device": device,
                 "samples": samples or DEFAULT_SAMPLES}
@@ -148,8 +167,9 @@ def smallest_layout(config: str | dict[str, Any], metric: str, *, gpu_memory_byt
     cfg = load_config(config) if isinstance(config, str) else config
     kwargs.setdefault("name", config if isinstance(config, str) else None)
     plan = None
-    # Curvature metrics cannot be sharded: one GPU or nothing.
-    layouts = [Layout(1, 1)] if canonical_metric(metric) in CURVATURE else candidate_layouts(max_gpus_per_node, max_nodes)
+    # Curvature metrics, fisher_obd and ablation cannot be sharded: one GPU or nothing.
+    layouts = [Layout(1, 1)] if canonical_metric(metric) in UNSHARDABLE else candidate_layouts(max_gpus_per_node,
+                                                                                                max_nodes)
     for layout in layouts:
         plan = plan_job(cfg, metric, nodes=layout.nodes, gpus_per_node=layout.gpus_per_node,
                         gpu_memory_bytes=gpu_memory_bytes, **kwargs)

@@ -110,6 +110,8 @@ class JobStages:
         m = self.metric
         if m in ("baseline", "perturb"):
             return self._eval_stages()
+        if m == "ablation":
+            return self._ablation_stages()
         if m == "magnitude":
             return self._magnitude_stages()
         if m in ("act_mag", "super_weight"):
@@ -137,6 +139,13 @@ class JobStages:
         stages = self._forward_stages()
         stages["loss"] = self._base(activations=self.b * self.n * self.s.hidden, logits=self.eval_logits())
         return stages
+
+    def _ablation_stages(self) -> dict[str, dict[str, int]]:
+        """An evaluation that also keeps one block's output of every calibration window
+        (esa.perturb.cached_forward), and while the next cache is built, the previous one."""
+        cache = 2 * self.batches * self.n * self.s.hidden * self.b
+        return {name: {**parts, "activations": parts.get("activations", 0) + cache}
+                for name, parts in self._eval_stages().items()}
 
     def _magnitude_stages(self) -> dict[str, dict[str, int]]:
         s, b = self.s, self.b

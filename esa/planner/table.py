@@ -1,7 +1,7 @@
 """`python -m esa.planner.table`: the planner's table for every bundled model x job.
 
-For each bundled seed model and each job (the seven metrics, baseline, perturb) it prints the
-single-GPU peak and the smallest layout on 40 GB and 80 GB GPUs (a100-40g, a100-80g presets),
+For each bundled seed model and each job (the seven metrics of the runbook, baseline, perturb; see
+TABLE_JOBS) it prints the single-GPU peak and the smallest layout on 40 GB and 80 GB GPUs (a100-40g, a100-80g presets),
 as markdown; docs/cluster.md holds its output. Job settings default to the runbook plans
 (manifests/phase{1,2,3}.toml): phases 1 and 3 evaluate 200 windows of 2048 tokens (the context
 if shorter) in batches of 4, phase 3 with 21 control evaluations (random_k x 20 + bottom_k);
@@ -15,9 +15,14 @@ from typing import Any
 
 from esa.planner.configs import BUNDLED, load_config
 from esa.planner.gpus import gpu_preset
-from esa.planner.memory import METRICS, MemoryPlan, plan_job, smallest_layout
+from esa.planner.memory import METRICS, PLANNED_AS, MemoryPlan, plan_job, smallest_layout
 from esa.planner.render import duration, gib
 from esa.planner.shape import model_shape
+
+
+# The jobs of the table: obd and fisher_obd are planned as hutchinson_diag and grad_squared (their rows
+# would repeat those), ablation by its number of candidates (a property of the job, not of the model).
+TABLE_JOBS = tuple(m for m in METRICS if m not in PLANNED_AS and m != "ablation")
 
 
 def _layout(plan: MemoryPlan) -> str:
@@ -49,7 +54,7 @@ def markdown_table(*, dtype: str = "bf16", seq_len: int | None = None,
     for name in BUNDLED:
         cfg = load_config(name)
         context = int(model_shape(cfg).max_positions or 2048)
-        for metric in METRICS:
+        for metric in TABLE_JOBS:
             kw: dict[str, Any] = dict(job_settings(metric, context, seq_len), dtype=dtype, attention="sdpa")
             single = plan_job(cfg, metric, **kw)
             row = [name, metric, f"{kw['seq_len']} x {kw['batch_size']}", gib(single.total_bytes)]

@@ -20,6 +20,7 @@ from esa.model.blocks import checkpoint_blocks
 from esa.parallel.env import any_rank, is_rank0, world_size
 from esa.parallel.split import local_batches
 from esa.profile import checkpoint
+from esa.profile.candidates import resolve_candidates
 from esa.profile.finish import finish_scores
 from esa.profile.metrics import MetricOptions, get_metric
 from esa.results.records import ProfileRecord, write_record
@@ -34,8 +35,9 @@ def _metric_options(manifest: ProfileManifest, shard: tuple[int, int]) -> Metric
     spec = manifest.metric
     return MetricOptions(probes=spec.probes, include=list(spec.include) or None, exclude=list(spec.exclude) or None,
                          seed=manifest.seed, max_exact_coords=spec.max_exact_coords,
-                         candidates=list(spec.candidates) or None,
-                         generator=torch.Generator().manual_seed(manifest.seed), keep_accumulators=shard[1] > 1)
+                         candidates=resolve_candidates(spec) or None,
+                         generator=torch.Generator().manual_seed(manifest.seed), keep_accumulators=shard[1] > 1,
+                         per_sample=spec.per_sample, perturbation=spec.perturbation, candidate_shard=shard)
 
 
 def _use_eager_attention(model: Any) -> None:
@@ -93,10 +95,8 @@ class _ResumableFeed:
 
 def _refuse_if_unshardable(metric: Any) -> None:
     if world_size() > 1 and not metric.shardable:
-        raise UserError(f"{metric.name} needs double backward, which an FSDP2-sharded model does not "
-                        f"support: run it with one rank per job (parallel = {{nodes = 1, gpus_per_node = 1}}) "
-                        "and split the calibration windows over jobs with shard = 'i/n', then sum them "
-                        "with `esa reduce`")
+        raise UserError(f"{metric.name} {metric.not_shardable_because}: run it with one rank per job "
+                        f"(parallel = {{nodes = 1, gpus_per_node = 1}}) and {metric.shard_instead}")
 
 
 def _checkpoint_activations(manifest: ProfileManifest, metric: Any, model: Any) -> None:
@@ -132,8 +132,9 @@ def run_profile(manifest: ProfileManifest, out: Path) -> dict[str, Any]:
     if metric.needs_data:
         windows = load_windows(replace(spec, max_samples=None), loaded.tokenizer)
         chosen = select_windows(len(windows.ids), spec.max_samples, spec.pool_size, seed)
-        options.batch_offset = shard_batches(len(chosen), *shard, batch_size)[0]
-        chosen = shard_slice(chosen, *shard, batch_size=batch_size)
+        if metric.shards_data:  # ablation shards its candidates instead
+            options.batch_offset = shard_batches(len(chosen), *shard, batch_size)[0]
+            chosen = shard_slice(chosen, *shard, batch_size=batch_size)
         calib = windows.ids[chosen]
         n_windows = len(calib)
         if n_windows == 0:

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from esa.core.errors import UserError
-from esa.results.tables import TopK
+from esa.results.tables import CandidateScores, TopK
 from esa.spec.manifest import MODES
 from esa.spec.weights import matches
 
-__all__ = ["Ranker", "rank_scores", "tensor_topk"]
+__all__ = ["Ranker", "rank_scores", "rank_candidates", "tensor_topk"]
 
 # Scores are ranked in slices of this many elements: torch.topk on CPU copies its input
 # (values and int64 indices), so slicing bounds that temporary memory to ~12 bytes x chunk
@@ -248,3 +248,42 @@ def _unravel(flat: np.ndarray, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
         return [() for _ in flat]
     cols = np.unravel_index(flat, shape)
     return list(zip(*(c.tolist() for c in cols)))
+
+
+def rank_candidates(table: CandidateScores, k: int, mode: str = "global", largest: bool = True,
+                    include: Iterable[str] | str | None = None, exclude: Iterable[str] | str | None = None,
+                    tensor_order: Iterable[str] | None = None) -> TopK:
+    """Rank sparse candidate scores the way :func:`rank_scores` ranks dense ones.
+
+    ``global``: the best ``k`` candidates; ``per_layer``: the best ``k`` of each tensor (rank within
+    it). Ties: by tensor position (``tensor_order``, e.g. the model's parameter order; default:
+    first appearance in the table), then flat index. NaN scores raise UserError; +-inf are ranked.
+    """
+    if mode not in MODES:
+        raise UserError(f"unknown ranking mode {mode!r}; choose one of {', '.join(MODES)}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+        raise UserError(f"k must be a positive integer, got {k!r}")
+    rows = [i for i, p in enumerate(table.param) if matches(p, include, exclude)]
+    if not rows:
+        raise UserError("no candidate matches the include/exclude patterns "
+                        f"(include={include!r}, exclude={exclude!r})")
+    if np.isnan(table.score[rows]).any():
+        bad = table.param[rows[int(np.flatnonzero(np.isnan(table.score[rows]))[0])]]
+        raise UserError(f"candidate scores of {bad!r} contain NaN; refusing to rank them")
+    position = {name: i for i, name in enumerate(dict.fromkeys([*(tensor_order or []), *table.param]))}
+    sign = -1.0 if largest else 1.0
+    order = sorted(rows, key=lambda i: (sign * table.score[i], position[table.param[i]], int(table.flat_index[i])))
+    if mode == "global":
+        chosen = order[:k]
+        ranks = list(range(1, len(chosen) + 1))
+    else:
+        seen: dict[str, int] = {}
+        chosen, ranks = [], []
+        for i in sorted(order, key=lambda i: position[table.param[i]]):  # stable: score order within a tensor
+            seen[table.param[i]] = seen.get(table.param[i], 0) + 1
+            if seen[table.param[i]] <= k:
+                chosen.append(i)
+                ranks.append(seen[table.param[i]])
+    return TopK([table.param[i] for i in chosen], table.flat_index[chosen], [table.index[i] for i in chosen],
+                table.score[chosen], np.asarray(ranks, dtype=np.int64), table.value[chosen], mode=mode,
+                largest=largest, k=int(k))

@@ -18,16 +18,19 @@ import numpy as np
 
 from esa.core.errors import UserError
 from esa.core.io import atomic_write_json, atomic_write_text
-from esa.results.tables import TensorStats, TopK
+from esa.results.tables import CandidateScores, TensorStats, TopK
 from esa.spec.weights import layer_of, parse_weight
 
-__all__ = ["TOPK_COLUMNS", "STATS_COLUMNS", "write_topk_csv", "read_topk_csv", "write_stats"]
+__all__ = ["TOPK_COLUMNS", "STATS_COLUMNS", "CANDIDATE_COLUMNS", "write_topk_csv", "read_topk_csv", "write_stats",
+           "write_candidates_csv"]
 
 TOPK_COLUMNS: tuple[str, ...] = ("rank", "param", "layer", "index", "flat_index", "score",
                                  "value")
 STATS_COLUMNS: tuple[str, ...] = ("name", "layer", "module_type", "numel", "mean", "std", "min",
                                   "max", "p99", "p99_9", "kurtosis", "topk_k", "topk_share",
                                   "gini", "sampled")
+CANDIDATE_COLUMNS: tuple[str, ...] = ("rank", "candidate", "param", "layer", "index", "flat_index", "value",
+                                      "score")
 STATS_CSV = "sensitivity_stats.csv"
 _EXTRA = "__extra__"  # DictReader key for fields beyond the header
 STATS_JSON = "sensitivity_stats.json"
@@ -50,6 +53,23 @@ def write_topk_csv(path: str | os.PathLike, topk: TopK) -> Path:
             ",".join(str(v) for v in topk.index[i]), int(topk.flat_index[i]),
             _num(topk.score[i]), _num(topk.value[i]),
         ])
+    return atomic_write_text(path, buf.getvalue())
+
+
+def write_candidates_csv(path: str | os.PathLike, table: CandidateScores) -> Path:
+    """Write sparse candidate scores as CSV, highest score first: CANDIDATE_COLUMNS (rank 1 = highest
+    score, ties by candidate order; candidate = position in the job's candidate list), then one
+    column per extra column of the table (ablation: delta_nll, delta_ppl, the per-window summary)."""
+    order = sorted(range(len(table)), key=lambda i: (-table.score[i] if not math.isnan(table.score[i])
+                                                     else math.inf, int(table.order[i])))
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow([*CANDIDATE_COLUMNS, *table.columns])
+    for rank, i in enumerate(order, start=1):
+        layer = layer_of(table.param[i])
+        w.writerow([rank, int(table.order[i]), table.param[i], "" if layer is None else layer,
+                    ",".join(str(v) for v in table.index[i]), int(table.flat_index[i]), _num(table.value[i]),
+                    _num(table.score[i]), *(_num(col[i]) for col in table.columns.values())])
     return atomic_write_text(path, buf.getvalue())
 
 

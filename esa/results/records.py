@@ -163,6 +163,18 @@ class PerturbationRecord(Record):
     data: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
     manifest_id: str | None = None
+    # A dose-response sweep (targets.topk a list of k): one entry per k, ascending, each with k and the
+    # per-k fields above (n_targets, targets, applied, perturbed, perturbed_finite, delta_ppl,
+    # delta_nll, delta_token_accuracy, delta_nll_ci, controls, perturbed_per_window_nll); the
+    # fields above then hold the largest k. Absent (not written) for a single k.
+    by_k: list[dict[str, Any]] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The file's JSON object (by_k only for a sweep, so a single k keeps its keys)."""
+        out = super().to_dict()
+        if out.get("by_k") is None:
+            out.pop("by_k", None)
+        return out
 
 
 @dataclass

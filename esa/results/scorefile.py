@@ -16,6 +16,13 @@ Layout (format ``esa-scores``, version 1)::
     /accumulators/<acc>/<param>   optional additive sums for data shards; attrs of
                       /accumulators hold the counts (e.g. tokens, batches)
     /unscored         UTF-8 strings: parameters the metric does not define a score for
+    /candidates/      optional, sparse scores: the weights a metric scored when it scores a candidate set
+                      (ablation; hessian_diag / obd with candidates), one row each in candidate order:
+                      param, flat_index, index, ndim as in /topk, score float64, value float64 (the weight),
+                      order int64 (position in the job's whole candidate list); columns/<name> float64
+                      (per-row extras, e.g. ablation's delta_nll); attrs: n plus job-level facts (JSON
+                      for non-scalars). A file with save='candidates' has no /scores/ group: its
+                      scores ARE these rows, every other coordinate is unscored (not zero).
 
 The writer builds the file under a temporary name in the destination folder and renames it
 only after ``complete`` is set and the file is closed and synced, so a killed job never
@@ -39,12 +46,12 @@ from esa import __version__
 from esa.core.errors import UserError
 from esa.core.io import make_temp_file
 from esa.results.records import ResultFileError
-from esa.results.tables import TensorStats, TopK, stats_columns, stats_from_columns
+from esa.results.tables import CandidateScores, TensorStats, TopK, stats_columns, stats_from_columns
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "REQUIRED_ATTRS", "ScoreFileWriter", "write_score_file", "ScoreFile",
            "ScoreFileInfo",
            "open_score_file", "check_score_file", "read_topk", "read_scores", "read_stats", "read_accumulators",
-           "read_attrs"]
+           "read_attrs", "read_candidates"]
 
 log = logging.getLogger("esa.results.scorefile")
 
@@ -53,7 +60,7 @@ FORMAT_VERSION = 1
 REQUIRED_ATTRS: tuple[str, ...] = ("metric", "manifest_id", "manifest_json", "model_name",
                                    "model_revision", "model_dtype")
 SCORE_DTYPES = {"float32": np.float32, "float16": np.float16}
-SAVE_MODES = ("full", "topk")
+SAVE_MODES = ("full", "topk", "candidates")
 COMPRESSIONS = (None, "lzf", "gzip")
 # Tensors above this many elements are converted and written slice by slice along their
 # first dimension, so that no second full-size copy is made on the host.
@@ -73,7 +80,8 @@ class ScoreFileWriter:
 
     ``attrs`` must hold REQUIRED_ATTRS (None is stored as ""; a dict manifest_json is
     serialised); extra scalar/string attributes are kept, anything else is stored as JSON.
-    ``save='topk'`` stores no ``scores/`` group."""
+    ``save='topk'`` stores no ``scores/`` group; ``save='candidates'`` neither: the file's scores are
+    the sparse rows of ``candidates/`` given to :meth:`finish`."""
 
     def __init__(self, path: str | os.PathLike, *, attrs: Mapping[str, Any], score_dtype: str = "float32",
                  save: str = "full", compression: str | None = None) -> None:
@@ -122,14 +130,20 @@ class ScoreFileWriter:
         _write_tensor(group, name, tensor, dtype, self._compression)
 
     def finish(self, *, topk: TopK, bottomk: TopK | None = None, stats: list[TensorStats] | None = None,
-               counts: Mapping[str, int | float] | None = None, unscored: Iterable[str] = ()) -> Path:
-        """Write the ranked lists, statistics and `complete`, then move the file into place."""
+               counts: Mapping[str, int | float] | None = None, unscored: Iterable[str] = (),
+               candidates: CandidateScores | None = None) -> Path:
+        """Write the ranked lists, statistics, candidate scores and `complete`, then move the file into place."""
+        if self._save == "candidates" and candidates is None:
+            self.abort()
+            raise ValueError("save='candidates' needs the candidate scores")
         try:
             _write_topk(self._f.create_group("topk"), topk)
             if bottomk is not None:
                 _write_topk(self._f.create_group("bottomk"), bottomk)
             if stats is not None:
                 _write_stats(self._f.create_group("stats"), stats)
+            if candidates is not None:
+                _write_candidates(self._f.create_group("candidates"), candidates)
             if self._acc is not None:
                 for key, val in (counts or {}).items():
                     self._acc.attrs[key] = val
@@ -170,8 +184,11 @@ def write_score_file(
     score_dtype: str = "float32",
     save: str = "full",
     compression: str | None = None,
+    candidates: CandidateScores | None = None,
 ) -> Path:
-    """Write ``scores.h5`` atomically from tensors already at hand (see :class:`ScoreFileWriter`)."""
+    """Write ``scores.h5`` atomically from tensors already at hand (see :class:`ScoreFileWriter`);
+    ``candidates`` (sparse scores) go to ``candidates/``, and with ``save='candidates'`` they are the
+    only scores."""
     if save == "full" and scores is None:
         raise ValueError("save='full' needs the scores")
     with ScoreFileWriter(path, attrs=attrs, score_dtype=score_dtype, save=save, compression=compression) as w:
@@ -181,7 +198,7 @@ def write_score_file(
             for name, tensor in tensors.items():
                 w.add_accumulator(acc_name, name, tensor)
         return w.finish(topk=topk, bottomk=bottomk, stats=stats, counts=counts if accumulators else None,
-                        unscored=unscored)
+                        unscored=unscored, candidates=candidates)
 
 
 def _layout(f: h5py.File) -> dict[str, list[Any]]:
@@ -304,6 +321,40 @@ def _write_topk(group: h5py.Group, topk: TopK) -> None:
     group.attrs["largest"] = bool(topk.largest)
 
 
+def _write_index_columns(group: h5py.Group, param: list[str], index: list[tuple[int, ...]]) -> None:
+    n = len(param)
+    ndims = np.array([len(ix) for ix in index], dtype=np.int8)
+    max_ndim = max(1, int(ndims.max()) if n else 1)
+    padded = np.full((n, max_ndim), -1, dtype=np.int64)
+    for i, ix in enumerate(index):
+        padded[i, : len(ix)] = ix
+    group.create_dataset("param", data=np.array(param, dtype=object), dtype=_STR)
+    group.create_dataset("index", data=padded)
+    group.create_dataset("ndim", data=ndims)
+
+
+def _read_index(group: h5py.Group) -> list[tuple[int, ...]]:
+    ndim = group["ndim"][()]
+    index_arr = group["index"][()]
+    return [tuple(int(v) for v in index_arr[i, : ndim[i]]) for i in range(len(ndim))]
+
+
+def _write_candidates(group: h5py.Group, table: CandidateScores) -> None:
+    _write_index_columns(group, table.param, table.index)
+    group.create_dataset("flat_index", data=table.flat_index.astype(np.int64))
+    group.create_dataset("score", data=table.score.astype(np.float64))
+    group.create_dataset("value", data=table.value.astype(np.float64))
+    group.create_dataset("order", data=table.order.astype(np.int64))
+    cols = group.create_group("columns", track_order=True)
+    for name, col in table.columns.items():
+        _check_name(name)
+        cols.create_dataset(name, data=col.astype(np.float64))
+    group.attrs["n"] = len(table)
+    group.attrs["csv_name"] = table.csv_name or ""
+    for key, val in table.attrs.items():
+        group.attrs[key] = _attr_value(key, val)
+
+
 def _write_stats(group: h5py.Group, stats: list[TensorStats]) -> None:
     for col, vals in stats_columns(stats).items():
         if col == "name":
@@ -379,6 +430,9 @@ class ScoreFile:
     def scores(self, names: Iterable[str] | None = None,
                as_torch: bool = False) -> dict[str, Any]:
         """Score tensors in their stored dtype (all, or ``names``), as numpy or torch."""
+        if "scores" not in self._f and "candidates" in self._f:
+            raise ResultFileError(f"{self.path} holds the scores of its candidate weights only (candidates/); "
+                                  "read them with candidates()")
         if "scores" not in self._f:
             raise ResultFileError(f"{self.path} holds only the top-k (it was written with "
                             "save-scores=topk); re-run with save-scores=full for all scores")
@@ -405,6 +459,22 @@ class ScoreFile:
             index=index, score=g["score"][()], rank=g["rank"][()], value=g["value"][()],
             mode=_s(g.attrs["mode"]), largest=bool(g.attrs["largest"]), k=int(g.attrs["k"]),
         )
+
+    def has_candidates(self) -> bool:
+        """Whether the file holds sparse candidate scores (``candidates/``)."""
+        return "candidates" in self._f
+
+    def candidates(self) -> CandidateScores:
+        """The sparse candidate scores (``candidates/``), in candidate order; attrs as stored
+        (strings that were JSON come back as written: decode them with json.loads)."""
+        if "candidates" not in self._f:
+            raise ResultFileError(f"{self.path} holds no candidate scores (candidates/)")
+        g = self._f["candidates"]
+        attrs = {k: _plain(v) for k, v in g.attrs.items() if k not in ("n", "csv_name")}
+        return CandidateScores([_s(p) for p in g["param"][()]], g["flat_index"][()], _read_index(g),
+                               g["score"][()], g["value"][()], g["order"][()],
+                               {k: g["columns"][k][()] for k in g["columns"].keys()}, attrs,
+                               _s(g.attrs.get("csv_name", "")) or None)
 
     def stats(self) -> list[TensorStats]:
         """Per-tensor statistics (empty list when the file has none)."""
@@ -474,6 +544,12 @@ def read_scores(path: str | os.PathLike, names: Iterable[str] | None = None,
         return sf.scores(names, as_torch=as_torch)
 
 
+def read_candidates(path: str | os.PathLike) -> CandidateScores:
+    """The sparse candidate scores of a score file."""
+    with ScoreFile(path) as sf:
+        return sf.candidates()
+
+
 def read_stats(path: str | os.PathLike) -> list[TensorStats]:
     """Per-tensor statistics of a score file."""
     with ScoreFile(path) as sf:
@@ -496,6 +572,7 @@ class ScoreFileInfo:
     has_topk: bool
     has_bottomk: bool
     has_scores: bool
+    has_candidates: bool = False
 
 
 def check_score_file(path: str | os.PathLike) -> ScoreFileInfo:
@@ -511,4 +588,4 @@ def check_score_file(path: str | os.PathLike) -> ScoreFileInfo:
         except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise ResultFileError(f"{sf.path} metadata is unreadable ({exc})") from None
         return ScoreFileInfo(attrs, manifest if isinstance(manifest, dict) else None,
-                             "topk" in sf.h5, "bottomk" in sf.h5, "scores" in sf.h5)
+                             "topk" in sf.h5, "bottomk" in sf.h5, "scores" in sf.h5, "candidates" in sf.h5)

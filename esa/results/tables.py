@@ -16,7 +16,7 @@ import numpy as np
 
 from esa.spec.weights import format_weight, layer_of, module_type_of
 
-__all__ = ["TopK", "TensorStats", "STAT_FIELDS", "stats_columns", "stats_from_columns"]
+__all__ = ["TopK", "CandidateScores", "TensorStats", "STAT_FIELDS", "stats_columns", "stats_from_columns"]
 
 
 @dataclass
@@ -90,6 +90,73 @@ class TopK:
             out[p] = out.get(p, 0) + 1
         return out
 
+
+
+@dataclass
+class CandidateScores:
+    """Scores of a candidate set only (a metric that scores some weights, not whole tensors).
+
+    One row per candidate in candidate order: ``order`` is its position in the job's whole
+    candidate list (shards of one job hold disjoint slices, merged by ``order``). ``columns``
+    holds extra per-row numbers (ablation: delta_nll, delta_ppl, the per-window summary), ``attrs``
+    job-level facts (ablation: the baseline NLL, the perturbation), ``csv_name`` the CSV export
+    written next to scores.h5 (None: none).
+    """
+
+    param: list[str]
+    flat_index: np.ndarray  # int64
+    index: list[tuple[int, ...]]
+    score: np.ndarray  # float64
+    value: np.ndarray  # float64: the weight's value, NaN when unknown
+    order: np.ndarray  # int64
+    columns: dict[str, np.ndarray] = field(default_factory=dict)
+    attrs: dict[str, Any] = field(default_factory=dict)
+    csv_name: str | None = None
+
+    def __post_init__(self) -> None:
+        self.param = list(self.param)
+        self.index = [tuple(int(i) for i in ix) for ix in self.index]
+        self.flat_index = np.asarray(self.flat_index, dtype=np.int64).reshape(-1)
+        self.score = np.asarray(self.score, dtype=np.float64).reshape(-1)
+        self.value = np.asarray(self.value, dtype=np.float64).reshape(-1)
+        self.order = np.asarray(self.order, dtype=np.int64).reshape(-1)
+        self.columns = {k: np.asarray(v, dtype=np.float64).reshape(-1) for k, v in self.columns.items()}
+        n = len(self.param)
+        for name in ("flat_index", "index", "score", "value", "order"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"CandidateScores column {name!r} has {len(getattr(self, name))} rows, "
+                                 f"param has {n}")
+        for name, col in self.columns.items():
+            if len(col) != n:
+                raise ValueError(f"CandidateScores column {name!r} has {len(col)} rows, param has {n}")
+
+    def __len__(self) -> int:
+        return len(self.param)
+
+    def names(self) -> list[str]:
+        """Weight names ``param:i,j`` in row order."""
+        return [format_weight(p, ix) for p, ix in zip(self.param, self.index)]
+
+    def take(self, rows: Any) -> CandidateScores:
+        """The rows ``rows`` (indices or a boolean mask), in that order."""
+        rows = np.arange(len(self))[rows] if np.asarray(rows).dtype == bool else np.asarray(rows, dtype=np.int64)
+        return CandidateScores([self.param[i] for i in rows], self.flat_index[rows], [self.index[i] for i in rows],
+                               self.score[rows], self.value[rows], self.order[rows],
+                               {k: v[rows] for k, v in self.columns.items()}, dict(self.attrs), self.csv_name)
+
+    @classmethod
+    def concat(cls, parts: list[CandidateScores]) -> CandidateScores:
+        """Rows of all parts sorted by ``order`` (columns: those every part has; attrs and csv_name of the first)."""
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        keys = [k for k in parts[0].columns if all(k in p.columns for p in parts)]
+        joined = cls([p for part in parts for p in part.param],
+                     np.concatenate([p.flat_index for p in parts]), [ix for p in parts for ix in p.index],
+                     np.concatenate([p.score for p in parts]), np.concatenate([p.value for p in parts]),
+                     np.concatenate([p.order for p in parts]),
+                     {k: np.concatenate([p.columns[k] for p in parts]) for k in keys},
+                     dict(parts[0].attrs), parts[0].csv_name)
+        return joined.take(np.argsort(joined.order, kind="stable"))
 
 
 @dataclass

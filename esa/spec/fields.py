@@ -10,20 +10,23 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-__all__ = ["spec_field", "doc_of", "rules_of", "phases_of", "must_state", "default_of"]
+__all__ = ["spec_field", "doc_of", "rules_of", "phases_of", "must_state", "default_of", "omitted_at_default"]
 
 
 def spec_field(default: Any = dataclasses.MISSING, doc: str = "", *, required: bool = False,
-               phases: tuple[int, ...] | None = None, **rules: Any) -> Any:
+               phases: tuple[int, ...] | None = None, omit_default: bool = False, **rules: Any) -> Any:
     """A dataclass field with its schema metadata.
 
     default: the default (lists/dicts/dataclass instances are copied per instance);
     doc: the description a person reads in the schema and in --help;
     required: a manifest file must state this field even though code has a default;
     phases: the phases whose manifests allow the field (None: every phase);
+    omit_default: the canonical form leaves the field out while it holds its default. Fields added
+        after schema version 1 was published use it, so the canonical form (and so the id) of every
+        manifest written before stays what it was;
     rules: extra JSON-Schema keywords (minimum, pattern, enum, x-error, items, ref=..., ...).
     """
-    meta = {"doc": doc, "rules": rules, "required": required, "phases": phases}
+    meta = {"doc": doc, "rules": rules, "required": required, "phases": phases, "omit_default": omit_default}
     if default is dataclasses.MISSING:
         return dataclasses.field(metadata=meta)
     if isinstance(default, (list, dict, set)) or dataclasses.is_dataclass(default):
@@ -50,6 +53,11 @@ def rules_of(f: dataclasses.Field) -> dict[str, Any]:
 def phases_of(f: dataclasses.Field) -> tuple[int, ...] | None:
     """The phases that allow the field (None: all)."""
     return f.metadata.get("phases")
+
+
+def omitted_at_default(f: dataclasses.Field) -> bool:
+    """Whether the canonical form leaves the field out while it holds its default."""
+    return bool(f.metadata.get("omit_default"))
 
 
 def must_state(f: dataclasses.Field) -> bool:

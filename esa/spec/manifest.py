@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar, get_type_hints
 
 from esa.core.errors import UserError
-from esa.spec.fields import spec_field
+from esa.spec.fields import omitted_at_default, spec_field
 from esa.spec.names import CONTROLS, METRICS, PERTURBATIONS
 from esa.spec.params import PerturbationParams, perturbation_params
 
@@ -94,36 +94,6 @@ class DataSpec:
 
 
 @dataclass(frozen=True)
-class MetricSpec:
-    """Phase 2: the sensitivity metric and its options."""
-
-    name: str = spec_field(doc="Metric name (aliases accepted: " + ", ".join(
-        f"{a} = {c}" for a, c in METRICS.aliases().items()) + ").", enum=METRICS.names(with_aliases=True))
-    probes: int = spec_field(1, "hutchinson_diag: Rademacher probes per batch.", minimum=1)
-    include: tuple[str, ...] = spec_field((), "Score only parameters whose name matches one of these; "
-                                          "empty: all.", **_PATTERNS)
-    exclude: tuple[str, ...] = spec_field((), "Skip parameters whose name matches one of these.", **_PATTERNS)
-    candidates: tuple[str, ...] = spec_field((), "hessian_diag: score only these weights.", items=_WEIGHT_REF)
-    max_exact_coords: int = spec_field(4096, "hessian_diag: refuse more exact coordinates than this.", minimum=1)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "name", METRICS.canonical(self.name))
-
-
-@dataclass(frozen=True)
-class RankingSpec:
-    """Phase 2: how scores are ranked."""
-
-    mode: str = spec_field("per_layer", "per_layer: top-k within each tensor; global: top-k over all scored "
-                           "tensors.", required=True, enum=MODES)
-    topk: int = spec_field(100, "k of the top-k and bottom-k lists.", required=True, minimum=1)
-    include: tuple[str, ...] = spec_field((), "Rank only parameters whose name matches one of these; empty: "
-                                          "all scored.", **_PATTERNS)
-    exclude: tuple[str, ...] = spec_field((), "Leave parameters whose name matches out of the ranking.",
-                                          **_PATTERNS)
-
-
-@dataclass(frozen=True)
 class PerturbationSpec:
     """Phase 3: how target weights are damaged (always restored bit-exactly afterwards)."""
 
@@ -154,6 +124,49 @@ class PerturbationSpec:
 
 
 @dataclass(frozen=True)
+class MetricSpec:
+    """Phase 2: the sensitivity metric and its options."""
+
+    name: str = spec_field(doc="Metric name (aliases accepted: " + ", ".join(
+        f"{a} = {c}" for a, c in METRICS.aliases().items()) + ").", enum=METRICS.names(with_aliases=True))
+    probes: int = spec_field(1, "hutchinson_diag: Rademacher probes per batch.", minimum=1)
+    include: tuple[str, ...] = spec_field((), "Score only parameters whose name matches one of these; "
+                                          "empty: all.", **_PATTERNS)
+    exclude: tuple[str, ...] = spec_field((), "Skip parameters whose name matches one of these.", **_PATTERNS)
+    candidates: tuple[str, ...] = spec_field((), "hessian_diag, obd, ablation: score only these weights (and those "
+                                             "of candidates_from).", items=_WEIGHT_REF)
+    max_exact_coords: int = spec_field(4096, "hessian_diag, obd: refuse more exact coordinates than this.", minimum=1)
+    candidates_from: tuple[str, ...] = spec_field(
+        (), "hessian_diag, obd, ablation: files whose first n_candidates weights are candidates too: a scores.h5 "
+        "(its top-k, best score first), a super_weights.json (by rank) or a CSV list (the columns of "
+        "top_weights.csv, or param,index; file order). Several files: the union, first occurrence kept.",
+        omit_default=True, items={"type": "string", "minLength": 1})
+    n_candidates: int | None = spec_field(None, "With candidates_from: take the first N weights of each file "
+                                          "(null: every weight it lists).", omit_default=True, minimum=1)
+    per_sample: bool = spec_field(False, "fisher_obd: the empirical Fisher of per-window gradients (default: of "
+                                  "per-batch gradients).", omit_default=True)
+    perturbation: PerturbationSpec = spec_field(
+        PerturbationSpec("zero"), "ablation: what is done to each candidate on its own (restored bit-exactly "
+        "before the next one); any phase-3 perturbation.", omit_default=True)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", METRICS.canonical(self.name))
+
+
+@dataclass(frozen=True)
+class RankingSpec:
+    """Phase 2: how scores are ranked."""
+
+    mode: str = spec_field("per_layer", "per_layer: top-k within each tensor; global: top-k over all scored "
+                           "tensors.", required=True, enum=MODES)
+    topk: int = spec_field(100, "k of the top-k and bottom-k lists.", required=True, minimum=1)
+    include: tuple[str, ...] = spec_field((), "Rank only parameters whose name matches one of these; empty: "
+                                          "all scored.", **_PATTERNS)
+    exclude: tuple[str, ...] = spec_field((), "Leave parameters whose name matches out of the ranking.",
+                                          **_PATTERNS)
+
+
+@dataclass(frozen=True)
 class TargetsSpec:
     """Phase 3: the weights to perturb: explicit weights, a CSV list, and/or the top-k of a phase-2 ranking."""
 
@@ -161,10 +174,25 @@ class TargetsSpec:
     list: str | None = spec_field(None, "CSV with the columns of top_weights.csv, or param,index.", **_INPUT_PATH)
     from_scores: str | None = spec_field(None, "A phase-2 scores.h5 whose top-k are the targets (plans: "
                                          "RUN/results/<phase-2 id>/scores.h5).", **_INPUT_PATH)
-    topk: int | None = spec_field(None, "With from_scores: how many (null: all ranked).", minimum=1)
+    topk: int | tuple[int, ...] | None = spec_field(
+        None, "With from_scores: how many (null: all ranked). A list of k is a dose-response sweep in one job: "
+        "the top k for each k, each against its own matched controls.", ref="k_or_k_list")
     mode: str | None = spec_field(None, "With from_scores: the ranking mode it must hold (null: any).",
                                   enum=(*MODES, None))
 
+    def __post_init__(self) -> None:
+        # A list of k is kept sorted without repeats; a list of one k is that k, so [100] and 100
+        # are the same job (and a single k keeps the canonical form it always had).
+        k = self.topk
+        if isinstance(k, (list, tuple)) and k and all(isinstance(v, int) and not isinstance(v, bool) for v in k):
+            ks = tuple(sorted(set(k)))
+            object.__setattr__(self, "topk", ks[0] if len(ks) == 1 else ks)
+
+    def ks(self) -> list[int | None]:
+        """The k values of this job in increasing order ([None]: all ranked)."""
+        if isinstance(self.topk, tuple):
+            return list(self.topk)
+        return [self.topk]
 
 
 @dataclass(frozen=True)
@@ -443,6 +471,10 @@ def _build(cls: type, doc: dict[str, Any], phase: int, path: str) -> Any:
     return cls(**kwargs)
 
 
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
 def _to_json(obj: Any, phase: int) -> Any:
     if hasattr(obj, "to_json"):
         return obj.to_json(phase)
@@ -452,6 +484,8 @@ def _to_json(obj: Any, phase: int) -> Any:
             allowed = f.metadata.get("phases")
             if allowed is not None and phase not in allowed:
                 continue
+            if omitted_at_default(f) and getattr(obj, f.name) == _default(f):
+                continue  # added after schema version 1: written only when set (ids stay as they were)
             if f.name in ("id", "resources") and getattr(obj, f.name) is None:
                 continue  # optional top-level keys are left out rather than written as null
             out[f.name] = _to_json(getattr(obj, f.name), phase)

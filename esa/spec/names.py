@@ -90,6 +90,12 @@ METRICS = Registry("metric", [
           summary="|W_ij| · ‖X_j‖₂ (Wanda)"),
     Entry("super_weight", "esa.profile.metrics.super_weight:SuperWeight",
           summary="activation-spike detector (Yu et al. 2024)"),
+    Entry("obd", "esa.profile.metrics.obd:OBD",
+          summary="½·w²·|diag H| (Optimal Brain Damage; Hutchinson estimate, exact on candidates)"),
+    Entry("fisher_obd", "esa.profile.metrics.obd:FisherOBD",
+          summary="½·w²·F_ii, F the empirical Fisher (per batch, or per window with per_sample)"),
+    Entry("ablation", "esa.perturb.ablation:Ablation",
+          summary="exact ΔNLL when each candidate alone is perturbed (the ground truth)"),
 ])
 
 PERTURBATIONS = Registry("perturbation", [

@@ -8,7 +8,9 @@ Where a job writes is the caller's business (`results_dir(job_id)`, a run layout
 
 Phase 3 reads phase-2 rankings of the same experiment: ``[from_phase2] plan = "phase2.toml"``
 is expanded too (ids are content hashes, known without running anything), and each selected
-phase-2 job gives ``targets.from_scores = results_dir(<phase-2 id>)/scores.h5``. A sharded
+phase-2 job gives ``targets.from_scores = results_dir(<phase-2 id>)/scores.h5``. A phase-2 plan
+may have ``[from_phase2]`` too (the ground truth: ablation of the weights other metrics rank):
+each of its jobs then takes ``metric.candidates_from`` = the selected rankings of its model. A sharded
 phase-2 job (``grid.shards = N``) becomes N manifests with ``shard = "i/N"`` plus a reduce step
 writing into results_dir(<id of the unsharded manifest>), the folder phase 3 reads. Torch-free.
 """
@@ -68,8 +70,9 @@ class Grid:
     perturbation: tuple[dict[str, Any], ...] = spec_field(
         (), "Phase 3: perturbations, each a table: name plus its parameters (scale, sigma, mode, bits, bit_index, "
         "prob).", phases=(3,))
-    k: tuple[int, ...] = spec_field((), "Phase 3: how many top-ranked weights to perturb; default: each ranking's "
-                                    "own topk.", phases=(3,))
+    k: tuple[Any, ...] = spec_field((), "Phase 3: how many top-ranked weights to perturb, one job per entry; an "
+                                    "entry that is a list of k is one dose-response job over those k (e.g. "
+                                    "[[1, 10, 100]]); default: each ranking's own topk.", phases=(3,))
     controls: tuple[Any, ...] = spec_field(default_of(ControlsSpec, "names"), "Phase 3: one control set (list of "
                                            "names) or several (list of lists, crossed).", phases=(3,))
     repeats: tuple[int, ...] = spec_field((default_of(ControlsSpec, "repeats"),), "Phase 3: draws of each random "
@@ -78,8 +81,9 @@ class Grid:
 
 @dataclass(frozen=True)
 class FromPhase2:
-    """Phase 3: the phase-2 plan of the same experiment whose rankings are the targets, and which of its jobs
-    to use (every filter is optional)."""
+    """Phase 3: the phase-2 plan of the same experiment whose rankings are the targets; phase 2 (a ground-truth
+    plan): the plan whose rankings give each model's candidates (metric.candidates_from). Which of its jobs to
+    use (every filter is optional)."""
 
     plan: str = spec_field(doc="The phase-2 plan file (relative: to this plan's folder).", minLength=1)
     models: tuple[str, ...] = spec_field((), "Use only these models (ids as written in the phase-2 plan).")
@@ -252,13 +256,38 @@ def _expand_phase1(plan: Plan, results_dir: ResultsDir, model_map: Mapping[str, 
     return jobs
 
 
-def _expand_phase2(plan: Plan, results_dir: ResultsDir, model_map: Mapping[str, str]
+def _source_rankings(plan: Plan, results_dir: ResultsDir, model_map: Mapping[str, str],
+                     p2: Plan | None) -> list[Job]:
+    """The phase-2 rankings a plan's [from_phase2] selects (p2: that plan, when the caller has it)."""
+    assert plan.from_phase2 is not None
+    source = plan.from_phase2
+    if p2 is None:
+        p2 = read_plan((plan.path.parent / source.plan).resolve())
+    if p2.phase != 2 or p2.name != plan.name:
+        raise UserError(f"from_phase2.plan '{source.plan}' must be a phase-2 plan of the same experiment "
+                        f"'{plan.name}' (it is phase {p2.phase} of '{p2.name}')")
+    if plan.phase == 2 and p2.from_phase2 is not None:
+        raise UserError(f"from_phase2.plan '{source.plan}' takes its own candidates from another plan; point "
+                        "from_phase2 at the plan that ranks the weights")
+    _, _, rankings = _expand_phase2(p2, results_dir, model_map)
+    chosen = _select(rankings, source)
+    if not chosen:
+        raise UserError(f"from_phase2 selects none of the {len(rankings)} phase-2 rankings of '{source.plan}'")
+    return chosen
+
+
+def _expand_phase2(plan: Plan, results_dir: ResultsDir, model_map: Mapping[str, str], p2: Plan | None = None
                    ) -> tuple[list[Job], list[ReduceStep], list[Job]]:
-    """(shard jobs to run, reduce steps, one job per ranking = the unsharded manifests)."""
+    """(shard jobs to run, reduce steps, one job per ranking = the unsharded manifests).
+
+    With [from_phase2] (a ground-truth plan: ablation, or obd / hessian_diag on candidates) every job
+    takes its candidates from the selected rankings of the same model (metric.candidates_from) and
+    needs them."""
     jobs: list[Job] = []
     reduce: list[ReduceStep] = []
     rankings: list[Job] = []
     n_shards = plan.grid.shards
+    sources = _source_rankings(plan, results_dir, model_map, p2) if plan.from_phase2 is not None else None
     models = _model_sections(plan, model_map)
     for entry in _profile_entries(plan.grid):
         unknown = sorted(set(entry.get("models") or ()) - {name for name, _ in models})
@@ -266,24 +295,34 @@ def _expand_phase2(plan: Plan, results_dir: ResultsDir, model_map: Mapping[str, 
             raise UserError(f"grid.profile entry for {entry['metric']} names models not in grid.models: "
                             f"{', '.join(unknown)}")
     for name, where in models:
+        needs: tuple[str, ...] = ()
+        candidates: dict[str, Any] = {}
+        if sources is not None:
+            own = [r for r in sources if r.labels["model"] == name]
+            if not own:
+                raise UserError(f"from_phase2 selects no ranking of model '{name}' (the source plan's models: "
+                                f"{', '.join(sorted({str(r.labels['model']) for r in sources}))})")
+            needs = tuple(r.id for r in own)
+            candidates = {"candidates_from": [str(r.out_dir / "scores.h5") for r in own]}
         for entry in _profile_entries(plan.grid):
             if entry.get("models") and name not in entry["models"]:
                 continue
             for seed in plan.grid.seeds:
                 sections = {**where, "seed": seed,
                             "data": {**plan.data, **{k: v for k, v in entry.items() if k in _DATA_KEYS}},
-                            "metric": {"name": entry["metric"],
+                            "metric": {"name": entry["metric"], **candidates,
                                        **{k: v for k, v in entry.items() if k in _METRIC_KEYS}},
                             "ranking": {"mode": entry["mode"], "topk": entry["topk"]}}
                 labels = {"model": name, "metric": METRICS.canonical(entry["metric"]), "mode": entry["mode"],
                           "topk": entry["topk"], "seed": seed}
-                whole = Job(_manifest(plan, 2, {**sections, "shard": "0/1"}, results_dir, _describe(labels)), labels)
+                whole = Job(_manifest(plan, 2, {**sections, "shard": "0/1"}, results_dir, _describe(labels)), labels,
+                            needs)
                 rankings.append(whole)
                 if n_shards == 1:
                     jobs.append(whole)
                     continue
                 shards = tuple(Job(_manifest(plan, 2, {**sections, "shard": f"{i}/{n_shards}"}, results_dir,
-                                             _describe(labels)), {**labels, "shard": f"{i}/{n_shards}"})
+                                             _describe(labels)), {**labels, "shard": f"{i}/{n_shards}"}, needs)
                                for i in range(n_shards))
                 jobs += shards
                 reduce.append(ReduceStep(whole.id, whole.out_dir, shards))
@@ -314,22 +353,15 @@ def _control_sets(grid: Grid) -> list[list[str]]:
 
 def _expand_phase3(plan: Plan, results_dir: ResultsDir, model_map: Mapping[str, str], p2: Plan | None) -> list[Job]:
     assert plan.from_phase2 is not None  # the schema requires it for phase 3
-    source = plan.from_phase2
-    if p2 is None:
-        p2 = read_plan((plan.path.parent / source.plan).resolve())
-    if p2.phase != 2 or p2.name != plan.name:
-        raise UserError(f"from_phase2.plan '{source.plan}' must be a phase-2 plan of the same experiment "
-                        f"'{plan.name}' (it is phase {p2.phase} of '{p2.name}')")
-    _, _, rankings = _expand_phase2(p2, results_dir, model_map)
-    chosen = _select(rankings, source)
-    if not chosen:
-        raise UserError(f"from_phase2 selects none of the {len(rankings)} phase-2 rankings of '{source.plan}'")
+    chosen = _source_rankings(plan, results_dir, model_map, p2)
     jobs = []
     for ranking in chosen:
         have = ranking.labels["topk"]
         for pert, k, names, repeats in itertools.product(plan.grid.perturbation, plan.grid.k or [have],
                                                          _control_sets(plan.grid), plan.grid.repeats):
-            if k > have:
+            # An entry of grid.k that is itself a list is one dose-response job over those k.
+            k = sorted(set(k)) if isinstance(k, (list, tuple)) else k
+            if max(_as_list(k)) > have:
                 raise UserError(f"grid.k {k} exceeds the top {have} that phase-2 job {ranking.id} "
                                 f"({ranking.labels['metric']}, {ranking.labels['mode']}) ranks; "
                                 "narrow from_phase2.topk or lower k")
@@ -362,7 +394,7 @@ def expand(plan: Plan, results_dir: ResultsDir, model_map: Mapping[str, str] | N
     if plan.phase == 1:
         jobs = _expand_phase1(plan, results_dir, model_map)
     elif plan.phase == 2:
-        jobs, reduce, _ = _expand_phase2(plan, results_dir, model_map)
+        jobs, reduce, _ = _expand_phase2(plan, results_dir, model_map, phase2)
     else:
         jobs = _expand_phase3(plan, results_dir, model_map, phase2)
     unique = list({j.id: j for j in reversed(jobs)}.values())[::-1]
@@ -416,7 +448,8 @@ def plan_schema(manifest_id: str, plan_id: str, draft: str) -> dict[str, Any]:
                      "items": {"$ref": "#/$defs/profile_entry"}}
     gp["perturbation"] = {"description": gp["perturbation"]["description"], "type": "array", "minItems": 1,
                           "items": {"$ref": "#/$defs/perturbation_entry"}}
-    gp["k"] = {**pos_list, "description": gp["k"]["description"]}
+    gp["k"] = {"description": gp["k"]["description"], "type": "array", "minItems": 1,
+               "items": {"anyOf": [{"type": "integer", "minimum": 1}, pos_list]}}
     gp["controls"] = {"description": gp["controls"]["description"], "anyOf": [
         {"type": "array", "items": control, "uniqueItems": True},
         {"type": "array", "minItems": 1, "items": {"$ref": f"{manifest_id}#/$defs/controls/properties/names"}}],
@@ -441,7 +474,7 @@ def plan_schema(manifest_id: str, plan_id: str, draft: str) -> dict[str, Any]:
     nested_phase = {"data": DataSpec, "outputs": Outputs, "parallel": Parallel}
     for phase in (1, 2, 3):
         props: dict[str, Any] = {}
-        if phase != 3:
+        if phase == 1:
             props["from_phase2"] = {"not": {}}
         if phase == 1:
             props["outputs"] = {"not": {}}

@@ -50,6 +50,10 @@ SHARED_DEFS: dict[str, dict[str, Any]] = {
         "description": "One weight: 'param_name:i,j' (multi-index), e.g. 'model.embed_tokens.weight:128000,3303'.",
         "type": "string", "pattern": "^[^:\\s]+:\\s*[\\[(]?\\s*[0-9]+(\\s*,\\s*[0-9]+)*\\s*[\\])]?$",
         "x-error": {"pattern": "must name one weight as 'param_name:i,j'"}},
+    "k_or_k_list": {
+        "description": "How many top-ranked weights: k, or a list of distinct k (a sweep); null: all ranked.",
+        "type": ["integer", "array", "null"], "minimum": 1, "minItems": 1, "uniqueItems": True,
+        "items": {"type": "integer", "minimum": 1}},
     "name_pattern_list": {
         "description": "Parameter-name patterns (glob, or substring).", "type": "array",
         "items": {"type": "string", "minLength": 1}, "default": []},

@@ -12,9 +12,11 @@ import pytest
 from jobs.demo import demo_plans, run_demo
 
 PLANS = demo_plans()
+MODELS = PLANS[2]["grid"]["models"]
 METRICS = PLANS[2]["grid"]["metrics"]
 SEEDS = PLANS[2]["grid"]["seeds"]
 PERTURBATIONS = PLANS[3]["grid"]["perturbation"]
+KS = [1, 4]  # the sweep [1, 8] capped at the test's topk of 4
 
 
 @pytest.fixture(scope="module")
@@ -33,27 +35,33 @@ def test_demo_writes_a_report_with_every_job_complete(demo):
     root, report = demo
     assert report == root / "report" / "report.html" and report.stat().st_size > 10_000
     jobs = rows(root / "report" / "jobs.csv")
-    expected = 1 + len(METRICS) * len(SEEDS) + len(METRICS) * len(PERTURBATIONS)
+    expected = len(MODELS) * (1 + len(METRICS) * len(SEEDS) + 1 + len(METRICS) * len(PERTURBATIONS))
     assert len(jobs) == expected
     assert {j["status"] for j in jobs} == {"done"}
+    assert {j["ks"] for j in jobs if j["phase"] == "3"} == {",".join(map(str, KS))}
 
 
 def test_report_baseline_equals_eval_json(demo):
     root, _ = demo
-    (row,) = rows(root / "report" / "baselines.csv")
-    ev = json.loads((root / row["path"] / "eval.json").read_text())
-    assert float(row["ppl"]) == pytest.approx(ev["ppl"], rel=1e-12)
-    assert float(row["token_accuracy"]) == pytest.approx(ev["token_accuracy"], rel=1e-12)
-    assert int(row["n_tokens"]) == ev["n_tokens"]
-    assert f"{ev['ppl']:.2f}"[:5] in (root / "report" / "report.md").read_text()
+    table = rows(root / "report" / "baselines.csv")
+    assert len(table) == len(MODELS)
+    for row in table:
+        ev = json.loads((root / row["path"] / "eval.json").read_text())
+        assert float(row["ppl"]) == pytest.approx(ev["ppl"], rel=1e-12)
+        assert float(row["token_accuracy"]) == pytest.approx(ev["token_accuracy"], rel=1e-12)
+        assert int(row["n_tokens"]) == ev["n_tokens"]
+        assert f"{ev['ppl']:.2f}"[:5] in (root / "report" / "report.md").read_text()
+        assert ("planted" in ev["model"]) == row["model"].endswith("planted")
 
 
 def test_report_delta_ppl_equals_perturbation_json(demo):
     root, _ = demo
     table = rows(root / "report" / "delta_ppl.csv")
-    assert len(table) == len(METRICS) * len(PERTURBATIONS)
+    assert len(table) == len(MODELS) * len(METRICS) * len(PERTURBATIONS) * len(KS)
     for row in table:
-        res = json.loads((root / row["path"] / "perturbation.json").read_text())
+        job = json.loads((root / row["path"] / "perturbation.json").read_text())
+        (res,) = [e for e in job["by_k"] if e["k"] == int(row["k"])]
+        res = {**job, **res}
         assert float(row["delta_ppl"]) == pytest.approx(res["delta_ppl"], rel=1e-12)
         assert float(row["baseline_ppl"]) == pytest.approx(res["baseline"]["ppl"], rel=1e-12)
         for control in ("random_k", "bottom_k"):
@@ -69,8 +77,9 @@ def test_report_stability_equals_the_rankings(demo):
     from esa.results.overlap import jaccard, load_ranked_list
 
     summary = json.loads((root / "report" / "stability_summary.json").read_text())
-    for metric in METRICS:
-        (entry,) = [e for e in summary["seeds"] if e["metric"] == metric]
+    entries = [e for e in summary["seeds"] if e["metric"] in METRICS]
+    assert len(entries) == len(METRICS) * len(MODELS)
+    for entry in entries:
         # Recompute the seeds' Jaccard from their own top_weights.csv files.
         a, b = (load_ranked_list(root / m["path"] / "top_weights.csv") for m in entry["members"])
         expected = jaccard({i.key for i in a.items}, {i.key for i in b.items})
@@ -87,12 +96,13 @@ def _demo_figures(root: Path) -> dict:
     top, delta = {}, {}
     for job_id, m in sorted(jobs.items()):
         folder = root / "results" / job_id
+        model = "planted" if m["model"]["id"].endswith("planted") else "plain"
         if m["phase"] == 2:
-            top[f"{m['metric']['name']}/seed{m['seed']}"] = read_topk(folder / "scores.h5").names()
+            top[f"{model}/{m['metric']['name']}/seed{m['seed']}"] = read_topk(folder / "scores.h5").names()
         if m["phase"] == 3:
             source = Path(m["targets"]["from_scores"]).parent.name
-            key = f"{metric_of[source]}/{m['perturbation']['name']}"
-            delta[key] = read_record(PerturbationRecord, folder).delta_ppl
+            for entry in read_record(PerturbationRecord, folder).by_k or []:
+                delta[f"{model}/{metric_of[source]}/{m['perturbation']['name']}/k{entry['k']}"] = entry["delta_ppl"]
     return {"top_k": top, "delta_ppl": delta}
 
 
@@ -110,3 +120,35 @@ def test_demo_matches_its_golden_record(demo):
     assert got["delta_ppl"].keys() == want["delta_ppl"].keys()
     for key, value in want["delta_ppl"].items():
         assert got["delta_ppl"][key] == pytest.approx(value, rel=1e-6), key
+
+
+def test_the_report_shows_the_positive_control_and_the_verdict(demo):
+    """The planted pair is found by act_mag, obd and (among its candidates) the ablation; the report
+    leads with the verdict and compares every metric with the ground truth on both models."""
+    root, _ = demo
+    planted = rows(root / "report" / "planted.csv")
+    (name,) = {r["model"] for r in planted}
+    assert name.endswith("-planted")  # the demo maps its models to local folders when it trains other steps
+    for metric in ("act_mag", "obd"):
+        assert all(r["found"] == "True" for r in planted if r["metric"] == metric), metric
+    (ablation,) = [r for r in planted if r["metric"] == "ablation"]
+    # The ground truth: zeroing a planted weight hurts far more than zeroing any candidate outside the two
+    # planted neurons (their input weights break the cancellation too: docs/metrics.md).
+    from esa.results.scorefile import read_candidates
+
+    table = read_candidates(root / ablation["path"] / "scores.h5")
+    pair = [s for n, s in zip(table.names(), table.score) if n in ablation["planted"].split(";")]
+    neurons = ("mlp.gate_proj.weight:7,", "mlp.gate_proj.weight:11,", "mlp.up_proj.weight:7,",
+               "mlp.up_proj.weight:11,", "mlp.down_proj.weight:5,")
+    others = [s for n, s in zip(table.names(), table.score) if "layers.1." not in n or not any(k in n for k in neurons)]
+    assert len(pair) == 2 and others and min(pair) > 10 * max(others)
+    truth = rows(root / "report" / "metric_vs_truth.csv")
+    models = {r["model"] for r in truth}
+    assert len(models) == len(MODELS) and name in models and {r["metric"] for r in truth} == set(METRICS)
+    md = (root / "report" / "report.md").read_text()
+    assert md.index("## Verdict") < md.index("## Job status") < md.index("## Positive control: planted weights")
+    verdict = rows(root / "report" / "verdict.csv")
+    checks = {(r["model"], r["check"].split(":")[0]) for r in verdict}
+    for model in models:
+        assert {(model, "damage"), (model, "stability"), (model, "ground truth")} <= checks
+    assert (name, "positive control") in checks

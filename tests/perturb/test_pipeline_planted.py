@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from esa.cli import main
-from esa.perturb.planting import plant_super_weight
+from esa.model.planting import plant_super_weight
 from esa.results.scorefile import read_topk
 
 

@@ -11,7 +11,7 @@ import transformers
 from esa.perturb.controls import random_k
 from esa.core.errors import UserError
 from esa.perturb.perturbations import cpu_generator, get_perturbation, int_view_dtype, perturbed
-from esa.perturb.planting import find_mlp, plant_super_weight
+from esa.model.planting import find_mlp, plant_super_weight
 from esa.perturb.significance import empirical_p
 from esa.perturb.targets import resolve_targets
 

@@ -346,3 +346,24 @@ def test_a_sharded_job_splits_its_batch_over_the_gpus():
     two = plan_job("llama-3.1-8b", "grad_x_weight", seq_len=2048, batch_size=8, nodes=1, gpus_per_node=2)
     per_gpu = plan_job("llama-3.1-8b", "grad_x_weight", seq_len=2048, batch_size=4)
     assert two.per_gpu_bytes["activations"] == per_gpu.per_gpu_bytes["activations"] < one.per_gpu_bytes["activations"]
+
+
+def test_obd_fisher_obd_and_ablation_are_planned_and_kept_on_one_gpu():
+    """obd / fisher_obd are planned as the metrics whose sums they keep; ablation as an evaluation that also
+    holds one block's output of every window, with one forward of every window per candidate."""
+    kw = dict(seq_len=512, batch_size=4, dtype="bf16", gpu="a100-80g", samples=64)
+    for metric, like in (("obd", "hutchinson_diag"), ("fisher_obd", "grad_squared")):
+        a, b = plan_job("gpt2", metric, **kw), plan_job("gpt2", like, **kw)
+        assert a.per_gpu_bytes == b.per_gpu_bytes and a.time.seconds == b.time.seconds
+        assert any(f"planned as {like}" in n for n in a.notes)
+    base, one, many = (plan_job("gpt2", m, coords=c, **kw) for m, c in (("baseline", 1), ("ablation", 1),
+                                                                         ("ablation", 100)))
+    s = model_shape(load_config("gpt2"))
+    cache = 2 * 64 * 512 * s.hidden * 2  # two caches of [windows, T, hidden] in bf16
+    assert one.per_gpu_bytes["activations"] == base.per_gpu_bytes["activations"] + cache
+    assert many.time.seconds == pytest.approx(base.time.seconds * 101, rel=1e-9)  # 1 + 100 forwards
+    for metric in ("obd", "fisher_obd", "ablation"):
+        plan = smallest_layout("llama-3.1-8b", metric, gpu_memory_bytes=40 * 1024**3, seq_len=512, batch_size=1)
+        assert (plan.layout.nodes, plan.layout.gpus_per_node) == (1, 1)
+        sharded = plan_job("gpt2", metric, nodes=1, gpus_per_node=2, seq_len=512, batch_size=4)
+        assert any(f"esa refuses {metric} on a sharded model" in n for n in sharded.notes)

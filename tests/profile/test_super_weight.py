@@ -4,7 +4,7 @@ Two constructions:
 - a *spiking* super weight (the mechanism of the paper): neuron ``col`` of one MLP fires
   strongly and ``down[row, col]`` is large, so the intact model carries a massive activation
   in residual channel ``row``. The detector must name exactly that weight.
-- the *cancelling pair* of esa.perturb.planting: invisible in the intact model's activations (the
+- the *cancelling pair* of esa.model.planting: invisible in the intact model's activations (the
   pair cancels), so it is checked with act_mag, and with the detector once the partner is
   zeroed (then the spike is real).
 """
@@ -19,7 +19,7 @@ from transformers.pytorch_utils import Conv1D
 
 from esa.core.errors import UserError
 from esa.profile.metrics import MetricOptions, get_metric
-from esa.perturb.planting import plant_super_weight
+from esa.model.planting import plant_super_weight
 
 VOCAB, HIDDEN, INTER, LAYERS = 64, 16, 32, 3
 LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER,
@@ -125,7 +125,7 @@ def test_detector_uses_conv1d_indexing_gpt2() -> None:
 # ---------------------------------------------------------------- cancelling pair
 
 def pair_setup() -> tuple[nn.Module, int, int, int, int, list[torch.Tensor]]:
-    """A llama with esa.perturb.planting's pair in layer 1; col is the neuron that fires hardest
+    """A llama with esa.model.planting's pair in layer 1; col is the neuron that fires hardest
     on the data (so the input spike is there), col2 the last neuron (overwritten by a copy
     of col), row a channel where down[row, col] > 0 so (row, col) is the larger of the pair."""
     model, data, layer = build("llama"), batches(), 1

@@ -105,3 +105,38 @@ def test_files_must_be_complete_while_builders_may_be_partial():
     doc["seed"] = 5  # edited after expansion: the id no longer matches
     with pytest.raises(UserError, match=r"\$\.id: .* is not the content hash"):
         Manifest.from_dict(doc)
+
+
+def test_fields_added_after_v1_are_written_only_when_set():
+    """The canonical form (and the id) of a manifest written before the metric's candidate, per-sample and
+    ablation fields existed stays the same; setting one of them makes a different job."""
+    from esa.spec.manifest import Manifest
+
+    base = {"phase": 2, "model": {"id": "m"}, "metric": {"name": "grad_x_weight"}, "outputs": {"dir": "o"}}
+    plain = Manifest.from_dict(base, partial=True)
+    assert set(plain.to_dict()["metric"]) == {"name", "probes", "include", "exclude", "candidates",
+                                              "max_exact_coords"}
+    zero = Manifest.from_dict({**base, "metric": {"name": "grad_x_weight", "perturbation": {"name": "zero"},
+                                                  "per_sample": False}}, partial=True)
+    assert zero.job_id() == plain.job_id()  # the defaults, spelled out, are the same job
+    sample = Manifest.from_dict({**base, "metric": {"name": "fisher_obd", "per_sample": True}}, partial=True)
+    assert sample.to_dict()["metric"]["per_sample"] is True
+    again = Manifest.from_dict(sample.to_dict())  # a file with the field reads back to the same job
+    assert again.job_id() == sample.job_id()
+
+
+def test_a_list_of_k_is_sorted_and_a_single_k_stays_an_int():
+    from esa.spec.manifest import Manifest, TargetsSpec
+
+    assert TargetsSpec(from_scores="s.h5", topk=(10, 1, 10, 100)).topk == (1, 10, 100)
+    assert TargetsSpec(from_scores="s.h5", topk=(7,)).topk == 7
+    assert TargetsSpec(from_scores="s.h5", topk=(1, 10)).ks() == [1, 10]
+    assert TargetsSpec(from_scores="s.h5").ks() == [None]
+    base = {"phase": 3, "model": {"id": "m"}, "perturbation": {"name": "zero"}, "outputs": {"dir": "o"}}
+    one = Manifest.from_dict({**base, "targets": {"from_scores": "s.h5", "topk": 7}}, partial=True)
+    listed = Manifest.from_dict({**base, "targets": {"from_scores": "s.h5", "topk": [7]}}, partial=True)
+    assert one.to_dict()["targets"]["topk"] == 7 and one.job_id() == listed.job_id()
+    sweep = Manifest.from_dict({**base, "targets": {"from_scores": "s.h5", "topk": [100, 1, 10]}}, partial=True)
+    assert sweep.to_dict()["targets"]["topk"] == [1, 10, 100]
+    with pytest.raises(UserError, match="topk"):
+        Manifest.from_dict({**base, "targets": {"from_scores": "s.h5", "topk": [0, 3]}}, partial=True)

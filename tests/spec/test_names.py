@@ -22,7 +22,7 @@ def test_parse_control_names() -> None:
 def test_aliases_resolve_and_unknown_names_list_the_valid_ones() -> None:
     assert METRICS.canonical("activation_magnitude") == "act_mag"
     assert PERTURBATIONS.canonical("bitflip") == "bit_flip"
-    with pytest.raises(UserError, match="unknown metric 'grad_x_wieght'; valid metrics: act_mag, "):
+    with pytest.raises(UserError, match="unknown metric 'grad_x_wieght'; valid metrics: ablation, act_mag, "):
         METRICS.canonical("grad_x_wieght")
     assert [phase_name(n) for n in (1, 2, 3)] == ["baseline", "profile", "perturb"]
 

@@ -264,6 +264,42 @@ def test_plans_never_set_trust_remote_code_unless_asked(tmp_path):
     assert os.path.isabs(plan.jobs[0].manifest.to_dict()["outputs"]["dir"])
 
 
+def test_a_list_of_k_is_one_dose_response_job(tmp_path):
+    _plan(tmp_path, TINY2.format(name="dose", shards=1))
+    p3 = _plan(tmp_path, '[experiment]\nname = "dose"\nphase = 3\n[from_phase2]\nplan = "plan.toml"\n'
+               'modes = ["global"]\n[grid]\nk = [[5, 1, 2], 3]\n[[grid.perturbation]]\nname = "zero"\n', "p3.toml")
+    jobs = expand_plan(p3, runs_root=tmp_path).jobs
+    assert sorted(str(j.manifest.to_dict()["targets"]["topk"]) for j in jobs) == ["3", "3", "[1, 2, 5]", "[1, 2, 5]"]
+    for job in jobs:
+        assert validate_manifest(job.manifest.to_dict(), run_dir=tmp_path / "dose") == []
+    p3.write_text(p3.read_text().replace("[[5, 1, 2], 3]", "[[1, 6]]"))
+    with pytest.raises(UserError, match=r"grid.k \[1, 6\] exceeds the top 5"):
+        expand_plan(p3, runs_root=tmp_path)
+
+
+def test_a_phase2_plan_from_phase2_takes_each_models_rankings_as_candidates(tmp_path):
+    """The ground-truth plan: ablation of the weights the rankings of the same model name."""
+    _plan(tmp_path, TINY2.format(name="gt", shards=1))
+    truth = _plan(tmp_path, '[experiment]\nname = "gt"\nphase = 2\n[from_phase2]\nplan = "plan.toml"\nseeds = [0]\n'
+                  '[data]\nseq_len = 64\nmax_samples = 8\n[grid]\nmodels = ["esa:tiny-llama"]\nshards = 2\n'
+                  '[[grid.profile]]\nmetric = "ablation"\nmode = "global"\ntopk = 10\nn_candidates = 4\n', "truth.toml")
+    source = expand_plan(tmp_path / "plan.toml", runs_root=tmp_path)
+    seed0 = [j for j in source.jobs if j.labels["seed"] == 0]
+    plan = expand_plan(truth, runs_root=tmp_path)
+    assert len(plan.jobs) == 2 and len(plan.reduce) == 1  # candidates split over two shards
+    for job in plan.jobs:
+        metric = job.manifest.to_dict()["metric"]
+        assert metric["candidates_from"] == [str(j.out_dir / "scores.h5") for j in seed0]
+        assert metric["n_candidates"] == 4 and set(job.needs) == {j.id for j in seed0}
+    truth.write_text(truth.read_text().replace('"esa:tiny-llama"]', '"esa:tiny-mistral"]'))
+    with pytest.raises(UserError, match="no ranking of model 'esa:tiny-mistral'"):
+        expand_plan(truth, runs_root=tmp_path)
+    one = _plan(tmp_path, '[experiment]\nname = "gt"\nphase = 1\n[from_phase2]\nplan = "plan.toml"\n[grid]\n'
+                'models = ["esa:tiny-llama"]\n', "p1.toml")
+    with pytest.raises(UserError, match=r"\$\.from_phase2"):  # phase 1 takes no from_phase2
+        expand_plan(one, runs_root=tmp_path)
+
+
 def test_model_entries_bring_their_own_resources_and_layout(tmp_path):
     text = TINY2.format(name="per-model", shards=1).replace(
         'models = ["esa:tiny-llama"]',

@@ -271,7 +271,7 @@ def test_error_lines_name_path_and_rule():
     doc["metric"]["include"] = ["a", 5]
     errors = validate_manifest(doc)
     assert errors[0].startswith("$.metric.include[1]: 5 is not of type 'string'")
-    assert "$.metric.name: 'grad_x_wieght' is not one of ['act_mag', " in errors[1]
+    assert "$.metric.name: 'grad_x_wieght' is not one of ['ablation', 'act_mag', " in errors[1]
     assert errors[2] == "$.model.dtpye: unknown field (not in the schema; check the spelling)"
     with pytest.raises(UserError, match=r"^x\.json is invalid: \$\.metric\.include\[1\]: .*; \$\.metric\.name"):
         check_manifest(doc, source="x.json")

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from esa.core.errors import UserError
+from esa.results.tables import CandidateScores
 
 
 @dataclass
@@ -28,6 +29,8 @@ class MetricResult:
         data shards can be summed exactly by a reduce step; empty for data-free metrics.
     extras: metric-specific diagnostics (e.g. Hutchinson spread, super-weight candidates),
         JSON-serialisable.
+    candidates: sparse scores of a metric that scores a candidate set only (ablation): then
+        `scores` is empty and these rows are the result (esa.results.tables.CandidateScores).
     """
 
     scores: dict[str, torch.Tensor]
@@ -35,6 +38,7 @@ class MetricResult:
     accumulators: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+    candidates: CandidateScores | None = None
 
 
 @dataclass
@@ -66,6 +70,13 @@ class MetricOptions:
     # False: return the accumulators and counts only (scores={}); the caller finalises. Lets a
     # pre-empted job checkpoint its sums, and the phase-2 runner finalise in place.
     finalize: bool = True
+    per_sample: bool = False  # fisher_obd: squared gradients of single windows instead of batches
+    perturbation: Any = None  # ablation: the esa.spec.manifest.PerturbationSpec applied to each candidate
+    candidate_shard: tuple[int, int] = (0, 1)  # ablation: score only slice i of n of the candidates
+
+
+# Counts that are settings every batch (and shard) shares, not additive totals.
+SETTING_COUNTS = ("probes", "per_sample")
 
 
 class Metric(ABC):
@@ -75,9 +86,16 @@ class Metric(ABC):
     needs_data: bool = True
     needs_grad: bool = False
     needs_eager_attention: bool = False
+    # False: `--shard i/n` splits something else than the calibration windows (ablation splits
+    # its candidates and needs every window in every shard).
+    shards_data: bool = True
     # False: the metric cannot run on an FSDP2-sharded model (double backward through FSDP's
-    # all-gathers is not supported); a sharded job refuses it before loading the model.
+    # all-gathers is not supported); a sharded job refuses it before loading the model, saying
+    # why (not_shardable_because) and what to do instead (shard_instead).
     shardable: bool = True
+    not_shardable_because: str = "needs double backward, which an FSDP2-sharded model does not support"
+    shard_instead: str = ("split the calibration windows over jobs with shard = 'i/n', then sum them with "
+                          "`esa reduce`")
 
     @abstractmethod
     def score(
@@ -132,7 +150,7 @@ def start_counts(options: MetricOptions, fresh: dict[str, Any]) -> dict[str, Any
     """The counts to continue from: fresh ones, with resumed additive counts added."""
     counts = dict(fresh)
     for key, value in (options.initial_counts or {}).items():
-        if isinstance(value, (int, float)) and key in counts and key != "probes":
+        if isinstance(value, (int, float)) and key in counts and key not in SETTING_COUNTS:
             counts[key] = counts[key] + value
     return counts
 

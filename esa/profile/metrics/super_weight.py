@@ -16,7 +16,7 @@ largest output spike first. As a ranking, down-projection tensors get the score
 ``|W_ij| * max_t |X_tj|``; every other parameter is unscored.
 
 The detector sees what the intact model computes. A weight that matters only because a
-partner cancels it (the planted pair of esa.perturb.planting) leaves no activation spike, so it is
+partner cancels it (the planted pair of esa.model.planting) leaves no activation spike, so it is
 invisible here by construction; gradient- and act_mag-based rankings still find it.
 """
 

@@ -36,7 +36,7 @@ __all__ = ["plant_super_weight", "find_mlp", "MLPLayout", "DEFAULT_RELATIVE_MAGN
 # Default V as a multiple of the largest |W| of the down projection (as in issue #4).
 DEFAULT_RELATIVE_MAGNITUDE = 1e4
 
-# Where decoder blocks live in the supported architectures.
+
 @dataclass
 class MLPLayout:
     """Where one MLP's neurons live.
