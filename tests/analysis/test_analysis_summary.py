@@ -50,6 +50,6 @@ def test_the_report_counts_done_jobs(tmp_path):
     example_run(root)
     _, counts = write_report(root)
     md = (root / "report" / "report.md").read_text()
-    assert f"{counts['done']} complete, {sum(counts.values()) - counts['done']} not complete" in md
+    assert f"{counts['done']} done, {sum(counts.values()) - counts['done']} not done" in md
     assert counts == status_counts(__import__("analysis.collect", fromlist=["x"]).collect_jobs(root))
     assert summary_line({"done": 2, "failed": 0, "preempted": 1}).startswith("3 jobs: 2 done, 0 failed, 1 preempted")
