@@ -394,9 +394,10 @@ class ProfileManifest(Manifest):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        i, n = parse_shard(self.shard)  # one line for 'x', '3/2', '1/0'
-        if not 0 <= i < n:
-            raise UserError(f"$.shard: '{self.shard}' needs 0 <= i < n")
+        try:  # the field's name in the one line for 'x', '3/2', '1/0'
+            parse_shard(self.shard)
+        except UserError:
+            raise UserError(f"$.shard: '{self.shard}' needs 0 <= i < n") from None
 
 
 @dataclass(frozen=True, kw_only=True)
