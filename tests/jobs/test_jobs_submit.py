@@ -249,6 +249,13 @@ def _scores(path: Path) -> dict:
         return {name: f["scores"][name][()] for name in f["scores"]}
 
 
+def _assert_stopped_once_and_resumed(record: dict, job) -> None:
+    """The local submission record and the job's log say: stopped once, restarted, resumed, finished."""
+    assert record["local"][0]["ok"] is True, record
+    assert record["local"][0]["attempts"] == 2, "the job should have stopped once and resumed"
+    assert "resuming from the checkpoint" in (job.out_dir / "esa.log").read_text()
+
+
 @pytest.mark.slow
 def test_local_run_resumes_after_preemption_and_matches(runs, tmp_path, model_map, monkeypatch):
     """ESA_STOP_AFTER_BATCHES=1 stops the 2-batch job after one batch (checkpoint, exit 144); the
@@ -263,9 +270,7 @@ def test_local_run_resumes_after_preemption_and_matches(runs, tmp_path, model_ma
     (job,) = plan.jobs
     monkeypatch.setenv("ESA_STOP_AFTER_BATCHES", "1")
     record = submit.submit_jobs(plan, submit.pending_jobs(plan), Options(executor="local", echo=False))
-    assert record["local"][0]["ok"] is True, record
-    assert record["local"][0]["attempts"] == 2, "the job should have stopped once and resumed"
-    assert "resuming from the checkpoint" in (job.out_dir / "esa.log").read_text()
+    _assert_stopped_once_and_resumed(record, job)
     assert not (job.out_dir / "checkpoint").exists()
     monkeypatch.delenv("ESA_STOP_AFTER_BATCHES")
     reference = tmp_path / "uninterrupted"
@@ -290,9 +295,7 @@ def test_local_executor_runs_a_sharded_plan_as_two_ranks_and_resumes(runs, tmp_p
     job = plan.jobs[0]
     monkeypatch.setenv("ESA_STOP_AFTER_BATCHES", "1")
     record = submit.submit_jobs(plan, ([job], []), Options(executor="local", echo=False))
-    assert record["local"][0]["ok"] is True, record
-    assert record["local"][0]["attempts"] == 2, "the job should have stopped once and resumed"
-    assert "resuming from the checkpoint" in (job.out_dir / "esa.log").read_text()
+    _assert_stopped_once_and_resumed(record, job)
     launch = json.loads((job.out_dir / "experiment_manifest.json").read_text())["provenance"]["launch"]
     assert launch == {"launcher": "submitit-local", "world_size": 2, "sharded": True}
     monkeypatch.delenv("ESA_STOP_AFTER_BATCHES")
