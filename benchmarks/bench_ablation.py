@@ -35,22 +35,15 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    import transformers
-    from transformers import AutoModelForCausalLM, GPT2Config
+    from gpt2_small import gpt2_small
 
-    from esa.core.logs import setup_logging
     from esa.perturb.cached_forward import CachedForward
     from esa.perturb.perturbations import get_perturbation, perturbed
     from esa.perturb.targets import resolve_targets
     from esa.profile.metrics import MetricOptions, get_metric
 
-    setup_logging(quiet=True)
-    transformers.utils.logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     dev = torch.device(args.device)
-    model = AutoModelForCausalLM.from_config(GPT2Config()).to(dev).eval()
-    ids = torch.randint(0, 50257, (args.windows, args.seq), generator=torch.Generator().manual_seed(1)).to(dev)
+    model, ids = gpt2_small(device=args.device, windows=args.windows, seq=args.seq, threads=args.threads)
     batches = list(ids.split(args.batch))
     clock = time.process_time if dev.type == "cpu" else time.perf_counter
 

@@ -32,22 +32,15 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    import transformers
-    from transformers import AutoModelForCausalLM, GPT2Config
+    from gpt2_small import gpt2_small
 
     from esa.perturb.controls import random_k
     from esa.baseline.evaluate import evaluate
-    from esa.core.logs import setup_logging
     from esa.perturb.perturbations import apply_perturbation, cpu_generator, get_perturbation
     from esa.perturb.targets import WeightTarget, flat_to_index
 
-    setup_logging(quiet=True)
-    transformers.utils.logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     dev = torch.device(args.device)
-    model = AutoModelForCausalLM.from_config(GPT2Config()).to(dev).eval()
-    windows = torch.randint(0, 50257, (args.windows, args.seq), generator=torch.Generator().manual_seed(1)).to(dev)
+    model, windows = gpt2_small(device=args.device, windows=args.windows, seq=args.seq, threads=args.threads)
     params = dict(model.named_parameters())
     seed_targets = [WeightTarget(n, flat_to_index(0, tuple(p.shape)), 0) for n, p in params.items() if p.dim() == 2]
     targets = random_k(model, seed_targets, cpu_generator(0))  # one per 2-D tensor...
