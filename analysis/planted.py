@@ -29,6 +29,7 @@ from analysis.collect import complete_jobs
 from analysis.lists import is_full_data
 from esa.results.records import ResultFileError
 from esa.results.scorefile import open_score_file
+from esa.spec.weights import parse_weight
 
 __all__ = ["planted_models", "planted_rank", "planted_table"]
 
@@ -45,12 +46,12 @@ def planted_models(jobs: pd.DataFrame) -> dict[str, list[str]]:
 
 def planted_rank(job_dir: str | Path, name: str) -> tuple[int | None, float | None, str]:
     """(rank over everything the job ranked, the weight's score, where the rank came from)."""
-    param, _, idx = name.rpartition(":")
-    index = tuple(int(i) for i in idx.split(","))
+    param, index = parse_weight(name)
     with open_score_file(Path(job_dir) / "scores.h5") as sf:
         ranking = sf.topk()
-        if ranking.mode == "global" and name in ranking.names():
-            row = ranking.names().index(name)
+        ranked = ranking.names() if ranking.mode == "global" else []
+        if name in ranked:
+            row = ranked.index(name)
             return int(ranking.rank[row]), float(ranking.score[row]), "global top-k"
         if "scores" in sf.h5 and param in sf.h5["scores"] and not sf.has_candidates():
             group = sf.h5["scores"]
@@ -71,8 +72,9 @@ def planted_rank(job_dir: str | Path, name: str) -> tuple[int | None, float | No
             return 1 + above, score, "full scores"
         if sf.has_candidates():
             cands = sf.candidates()
-            if name in cands.names():
-                score = float(cands.score[cands.names().index(name)])
+            names = cands.names()
+            if name in names:
+                score = float(cands.score[names.index(name)])
                 return 1 + int(np.count_nonzero(cands.score > score)), score, "among the candidates"
             return None, None, "not a candidate"
         return None, None, f"beyond the top-{ranking.k}; no full scores saved"

@@ -25,13 +25,20 @@ log = get_logger("evaluate")
 SUSPICIOUS_PPL = 1.5
 
 
-def window_sums(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-window sum of next-token NLL and count of argmax hits, computed in fp32."""
-    pred = logits[:, :-1].float()
+def token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token NLL of every predicted token, [windows, tokens - 1]; cross-entropy in at least fp32
+    (bf16 / fp16 logits are promoted, fp64 logits stay fp64)."""
+    pred = logits[:, :-1]
+    pred = pred.to(torch.promote_types(pred.dtype, torch.float32))
     target = ids[:, 1:]
     nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="none")
-    hits = (pred.argmax(dim=-1) == target).sum(dim=1)
-    return nll.view(target.shape).sum(dim=1), hits
+    return nll.view(target.shape)
+
+
+def window_sums(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-window sum of next-token NLL (token_nll) and count of argmax hits."""
+    hits = (logits[:, :-1].argmax(dim=-1) == ids[:, 1:]).sum(dim=1)
+    return token_nll(logits, ids).sum(dim=1), hits
 
 
 def perplexity(mean_nll: float) -> float:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from esa.baseline.evaluate import token_nll
 from esa.core.errors import UserError
 from esa.core.logs import get_logger
 from esa.model.blocks import decoder_blocks
@@ -39,12 +40,9 @@ class _Stop(Exception):
 
 
 def window_nll_sums(logits: torch.Tensor, ids: torch.Tensor) -> np.ndarray:
-    """Per-window sum of next-token NLL (float64), cross-entropy in at least fp32 (fp64 models: fp64)."""
-    pred = logits[:, :-1]
-    pred = pred.to(torch.promote_types(pred.dtype, torch.float32))
-    target = ids[:, 1:]
-    nll = torch.nn.functional.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="none")
-    return nll.view(target.shape).double().sum(dim=1).cpu().numpy()
+    """Per-window sum of next-token NLL, summed in float64: a candidate's ΔNLL is a small difference of
+    two such sums, which fp32 summation (the evaluation's) would blur."""
+    return token_nll(logits, ids).double().sum(dim=1).cpu().numpy()
 
 
 def _standin_forward(holder: dict[str, Any], last: bool, tuple_len: int | None) -> Any:

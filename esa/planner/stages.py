@@ -100,7 +100,7 @@ class JobStages:
         return s.layers * layer + outside
 
     def eval_logits(self) -> int:
-        """esa.baseline.evaluate.window_sums: logits, their fp32 (or contiguous) copy, log-softmax."""
+        """esa.baseline.evaluate.window_sums (token_nll): logits, their fp32 (or contiguous) copy, log-softmax."""
         copy = 4 * self.Np * self.V if (self.b != 4 or self.B > 1) else 0
         return self.B * self.T * self.V * self.b + copy + 4 * self.Np * self.V
 

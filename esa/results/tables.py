@@ -19,6 +19,22 @@ from esa.spec.weights import format_weight, layer_of, module_type_of
 __all__ = ["TopK", "CandidateScores", "TensorStats", "STAT_FIELDS", "stats_columns", "stats_from_columns"]
 
 
+def _weight_columns(table: Any, ints: tuple[str, ...]) -> None:
+    """Coerce a table's weight columns in place (param list, index tuples, flat_index / ``ints`` int64,
+    score / value float64, all 1-D) and check that each has one row per param."""
+    table.param = list(table.param)
+    table.index = [tuple(int(i) for i in ix) for ix in table.index]
+    for name in ("flat_index", *ints):
+        setattr(table, name, np.asarray(getattr(table, name), dtype=np.int64).reshape(-1))
+    for name in ("score", "value"):
+        setattr(table, name, np.asarray(getattr(table, name), dtype=np.float64).reshape(-1))
+    n = len(table.param)
+    for name in ("flat_index", "index", "score", "value", *ints):
+        if len(getattr(table, name)) != n:
+            raise ValueError(f"{type(table).__name__} column {name!r} has {len(getattr(table, name))} rows, "
+                             f"param has {n}")
+
+
 @dataclass
 class TopK:
     """A ranked list of weights as parallel columns (row i describes one weight).
@@ -39,17 +55,7 @@ class TopK:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.param = list(self.param)
-        self.index = [tuple(int(i) for i in ix) for ix in self.index]
-        self.flat_index = np.asarray(self.flat_index, dtype=np.int64).reshape(-1)
-        self.score = np.asarray(self.score, dtype=np.float64).reshape(-1)
-        self.rank = np.asarray(self.rank, dtype=np.int64).reshape(-1)
-        self.value = np.asarray(self.value, dtype=np.float64).reshape(-1)
-        n = len(self.param)
-        for name in ("flat_index", "index", "score", "rank", "value"):
-            if len(getattr(self, name)) != n:
-                raise ValueError(f"TopK column {name!r} has {len(getattr(self, name))} rows, "
-                                 f"param has {n}")
+        _weight_columns(self, ints=("rank",))
 
     def __len__(self) -> int:
         return len(self.param)
@@ -114,21 +120,11 @@ class CandidateScores:
     csv_name: str | None = None
 
     def __post_init__(self) -> None:
-        self.param = list(self.param)
-        self.index = [tuple(int(i) for i in ix) for ix in self.index]
-        self.flat_index = np.asarray(self.flat_index, dtype=np.int64).reshape(-1)
-        self.score = np.asarray(self.score, dtype=np.float64).reshape(-1)
-        self.value = np.asarray(self.value, dtype=np.float64).reshape(-1)
-        self.order = np.asarray(self.order, dtype=np.int64).reshape(-1)
+        _weight_columns(self, ints=("order",))
         self.columns = {k: np.asarray(v, dtype=np.float64).reshape(-1) for k, v in self.columns.items()}
-        n = len(self.param)
-        for name in ("flat_index", "index", "score", "value", "order"):
-            if len(getattr(self, name)) != n:
-                raise ValueError(f"CandidateScores column {name!r} has {len(getattr(self, name))} rows, "
-                                 f"param has {n}")
         for name, col in self.columns.items():
-            if len(col) != n:
-                raise ValueError(f"CandidateScores column {name!r} has {len(col)} rows, param has {n}")
+            if len(col) != len(self.param):
+                raise ValueError(f"CandidateScores column {name!r} has {len(col)} rows, param has {len(self.param)}")
 
     def __len__(self) -> int:
         return len(self.param)

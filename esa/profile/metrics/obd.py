@@ -27,6 +27,7 @@ from esa.parallel.split import LocalBatch, as_local
 from esa.profile.metrics.base import Metric, MetricOptions, MetricResult, start_counts, start_sum
 from esa.profile.metrics.curvature import HessianDiag, HutchinsonDiag
 from esa.profile.metrics.gradient import fold_gradients, scored_parameters, scoring_mode, sum_dtype
+from esa.spec.weights import parse_weight
 
 __all__ = ["OBD", "FisherOBD", "half_w_squared"]
 
@@ -64,8 +65,8 @@ class OBD(Metric):
         if "candidates" in extras:  # the exact H_ii per candidate, with its OBD saliency
             params = dict(model.named_parameters())
             for c in extras["candidates"]:
-                name, _, idx = c["weight"].rpartition(":")
-                w = float(params[name].detach()[tuple(int(i) for i in idx.split(","))])
+                name, index = parse_weight(c["weight"])
+                w = float(params[name].detach()[index])
                 c["obd"] = 0.5 * w * w * abs(c["hessian_diag"])
         return self.package(raw.accumulators, raw.counts, model, options, extras)
 
